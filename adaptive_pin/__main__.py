@@ -1,0 +1,5 @@
+import sys
+
+from adaptive_pin.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``adaptive-pin`` subcommand; each exposes ``register(subparsers)``."""

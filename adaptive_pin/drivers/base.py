@@ -1,0 +1,56 @@
+"""The Driver protocol, shared by the libvirt, plain-QEMU and simulated drivers."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from adaptive_pin.errors import UsageError
+from adaptive_pin.model import CpuSet, Guest, GuestEvent, Inventory
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """Sees guests, pins vCPU threads, reports guests coming and going.
+
+    ``pin`` raises :class:`adaptive_pin.errors.GuestGoneError` when the VM or thread vanished and
+    :class:`adaptive_pin.errors.PinError` when the hypervisor refused; both are per-VM.
+    """
+
+    name: str
+
+    def inventory(self) -> Inventory: ...
+
+    def pin(self, guest: Guest, vcpu: int, cpus: CpuSet) -> None: ...
+
+    def events(self, timeout: float) -> list[GuestEvent]:
+        """Events seen since the last call; waits up to ``timeout`` s for the first one."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# name -> "module:factory"; factories take keyword options (see each driver's docstring).
+DRIVERS: Mapping[str, str] = {
+    "libvirt": "adaptive_pin.drivers.libvirt:LibvirtDriver",
+    "qemu": "adaptive_pin.drivers.qemu:QemuDriver",
+    "sim": "adaptive_pin.drivers.sim:SimDriver",
+}
+
+
+def _load(spec: str) -> Callable[..., Driver]:
+    module, _, attr = spec.partition(":")
+    factory: Callable[..., Driver] = getattr(importlib.import_module(module), attr)
+    return factory
+
+
+def open_driver(name: str, **options: Any) -> Driver:
+    """Open a driver by name; ``auto`` is libvirt when its socket answers, else plain QEMU."""
+    if name == "auto":
+        from adaptive_pin.drivers import libvirt as lv
+
+        name = "libvirt" if lv.available(options.get("libvirt_uri")) else "qemu"
+    if name not in DRIVERS:
+        raise UsageError(f"unknown driver {name!r}: choose one of auto, {', '.join(DRIVERS)}")
+    return _load(DRIVERS[name])(**options)

@@ -1,0 +1,1 @@
+"""Per-thread counter collectors: see :mod:`collectors.base`."""

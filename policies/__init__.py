@@ -1,0 +1,1 @@
+"""Placement policies: pure functions of a snapshot. See :mod:`policies.base`."""
