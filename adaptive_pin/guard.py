@@ -1,0 +1,164 @@
+"""The guard between a policy's plan and the actuator: hysteresis, cooldowns, budget.
+
+Policies propose; the guard decides what is allowed to happen now. It is what keeps the
+controller from thrashing when a policy (or its input) is noisy:
+
+- a move must be proposed with the same target for ``hold_ticks`` consecutive ticks
+  (first placements of a vCPU the controller never touched skip this: nothing to ping-pong);
+- a vCPU moved less than ``cooldown_s`` ago is not moved again;
+- a vCPU is never sent back to a CPU set it left less than ``return_window_s`` ago
+  (A -> B -> A), nor to a placement that was rolled back recently;
+- at most ``budget_per_tick`` migrations a tick, largest predicted gain first;
+- a move whose predicted gain is below ``min_gain`` is dropped;
+- never onto CPUs that are not usable now (offline, reserved, isolated, disallowed, taken).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from adaptive_pin.model import CpuSet, Move, Plan, Snapshot, VCpuKey
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    hold_ticks: int = 2
+    cooldown_s: float = 60.0
+    return_window_s: float = 300.0
+    budget_per_tick: int = 16
+    min_gain: float = 0.0
+
+    def validate(self) -> None:
+        if self.hold_ticks < 1:
+            raise ValueError("hold_ticks must be >= 1")
+        if self.budget_per_tick < 1:
+            raise ValueError("budget_per_tick must be >= 1")
+        if self.cooldown_s < 0 or self.return_window_s < 0:
+            raise ValueError("cooldown_s and return_window_s must be >= 0")
+
+
+@dataclass
+class _History:
+    """What the guard remembers of one vCPU."""
+
+    proposed_to: CpuSet | None = None
+    proposed_ticks: int = 0
+    last_moved: float | None = None
+    left: dict[CpuSet, float] = field(default_factory=dict)  # CPU set -> when the vCPU left it
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    accepted: tuple[Move, ...]
+    refused: tuple[tuple[Move, str], ...]
+
+
+class Guard:
+    def __init__(self, settings: GuardSettings) -> None:
+        settings.validate()
+        self.settings = settings
+        self._history: dict[VCpuKey, _History] = {}
+
+    # --- persistence (the daemon's state file) --------------------------------------
+    def export_state(self) -> dict[str, dict[str, object]]:
+        return {
+            f"{key[0]}/{key[1]}": {
+                "last_moved": h.last_moved,
+                "left": {cpus.to_list(): t for cpus, t in h.left.items()},
+            }
+            for key, h in self._history.items()
+            if h.last_moved is not None
+        }
+
+    def import_state(self, data: dict[str, dict[str, object]]) -> None:
+        for name, entry in data.items():
+            gid, _, idx = name.rpartition("/")
+            last = entry.get("last_moved")
+            left = entry.get("left", {})
+            h = _History(last_moved=float(last) if isinstance(last, int | float) else None)
+            if isinstance(left, dict):
+                h.left = {CpuSet.parse(k): float(v) for k, v in left.items()}
+            self._history[(gid, int(idx))] = h
+
+    # --- the check ------------------------------------------------------------------
+    def filter(self, plan: Plan, snapshot: Snapshot, *, one_shot: bool = False) -> GuardResult:
+        """Split a plan into moves allowed now and moves held back (with the reason).
+
+        ``one_shot`` (``adaptive-pin apply``): the operator asked for this tick explicitly,
+        so the hold-for-K-ticks rule does not apply; everything else does.
+        """
+        s = self.settings
+        now = snapshot.time
+        usable = snapshot.topology.usable - snapshot.taken
+        proposed_keys = {m.key for m in plan.moves}
+        # A vCPU no longer proposed loses its streak: the condition must hold consecutively.
+        for key, h in self._history.items():
+            if key not in proposed_keys:
+                h.proposed_to, h.proposed_ticks = None, 0
+
+        candidates: list[Move] = []
+        refused: list[tuple[Move, str]] = []
+        for move in plan.moves:
+            h = self._history.setdefault(move.key, _History())
+            if h.proposed_to == move.to_cpus:
+                h.proposed_ticks += 1
+            else:
+                h.proposed_to, h.proposed_ticks = move.to_cpus, 1
+            reason = self._refusal(move, h, snapshot, usable, now, one_shot)
+            if reason:
+                refused.append((move, reason))
+            else:
+                candidates.append(move)
+
+        candidates.sort(key=lambda m: (-m.predicted_gain, m.guest_id, m.vcpu))
+        accepted = candidates[: s.budget_per_tick]
+        refused.extend(
+            (m, f"migration budget of {s.budget_per_tick} per tick used up")
+            for m in candidates[s.budget_per_tick :]
+        )
+        return GuardResult(tuple(accepted), tuple(refused))
+
+    def _refusal(
+        self,
+        move: Move,
+        h: _History,
+        snapshot: Snapshot,
+        usable: CpuSet,
+        now: float,
+        one_shot: bool,
+    ) -> str | None:
+        s = self.settings
+        if not move.to_cpus:
+            return "empty target CPU set"
+        if not move.to_cpus <= usable:
+            bad = move.to_cpus - usable
+            return f"target names CPUs that are not usable now: {bad.to_list()}"
+        if move.to_cpus == move.from_cpus:
+            return "already there"
+        if (move.key, move.to_cpus) in snapshot.bad_placements:
+            return "this placement was rolled back recently"
+        if move.predicted_gain < s.min_gain:
+            return f"predicted gain {move.predicted_gain:.3g} below minimum {s.min_gain:.3g}"
+        if h.last_moved is not None and now - h.last_moved < s.cooldown_s:
+            return f"cooling down: moved {now - h.last_moved:.0f}s ago (cooldown {s.cooldown_s:.0f}s)"
+        left_at = h.left.get(move.to_cpus)
+        if left_at is not None and now - left_at < s.return_window_s:
+            return f"would move back to {move.to_cpus.to_list()} left {now - left_at:.0f}s ago"
+        first_placement = h.last_moved is None and move.kind == "initial"
+        if not (one_shot or first_placement) and h.proposed_ticks < s.hold_ticks:
+            return f"proposed {h.proposed_ticks} of {s.hold_ticks} consecutive ticks"
+        return None
+
+    def record_move(self, move: Move, now: float) -> None:
+        """Called for every move actually applied (rollbacks included)."""
+        h = self._history.setdefault(move.key, _History())
+        h.last_moved = now
+        h.left[move.from_cpus] = now
+        h.proposed_to, h.proposed_ticks = None, 0
+        horizon = now - self.settings.return_window_s
+        h.left = {cpus: t for cpus, t in h.left.items() if t >= horizon}
+
+    def forget(self, live: set[VCpuKey]) -> None:
+        """Drop the history of vCPUs whose VM is gone (bounded memory under churn)."""
+        for key in [k for k in self._history if k not in live]:
+            del self._history[key]

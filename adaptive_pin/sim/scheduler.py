@@ -1,0 +1,167 @@
+"""Where threads run each tick: a Linux-like load balancer that is blind to cache pressure.
+
+What it imitates of CFS/EEVDF (kernel/sched/fair.c), at the granularity of one tick:
+- a thread stays on its CPU while that CPU is allowed (tasks are sticky; migration is costly);
+- a thread that must be placed takes an idle PU first, an idle *core* before an idle SMT
+  sibling (select_idle_core), its previous LLC before another one (select_idle_sibling);
+- periodic/newidle balancing pulls a second runnable thread off a busy PU to an idle one,
+  same LLC first, then same node, then anywhere the affinity allows; and splits two busy
+  threads on one core when a whole core is idle;
+- noise: threads that sleep part of the time wake on other idle PUs of their LLC, and now
+  and then any thread is pulled to another LLC by transient host load.
+Rates and choices are in docs/simulator.md ("Scheduler"); the RNG is seeded by the scenario.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from adaptive_pin.model import Topology
+
+BoolArray = npt.NDArray[np.bool_]
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+# Wakeup migrations per second of sleep (a vCPU halts, then wakes on another idle PU of its LLC).
+WAKE_MIGRATIONS_PER_IDLE_S = 2.0
+# Migrations to another LLC per second from transient host load (kworkers, IRQ threads).
+CROSS_LLC_NOISE_PER_S = 0.02
+
+
+@dataclass
+class Placement:
+    pu: IntArray  # position in topology.pus per thread, -1 when it has no allowed online PU
+    got: FloatArray  # CPU time fraction it got this tick
+    delay: FloatArray  # runnable-but-waiting fraction (demand - got)
+    migrated: BoolArray  # moved by the scheduler this tick
+
+
+class LinuxLikeScheduler:
+    """Place N threads on PUs given each one's affinity mask and CPU demand (0..1)."""
+
+    def __init__(self, topology: Topology, rng: np.random.Generator) -> None:
+        self.topo = topology
+        self.rng = rng
+        self.core = topology.pu_core
+        self.llc = topology.pu_llc
+        self.node = topology.pu_node
+        self.n_pu = len(topology.pus)
+
+    # --- helpers -----------------------------------------------------------------------
+    def _core_busy(self, count: IntArray) -> IntArray:
+        busy: IntArray = np.bincount(
+            self.core, weights=(count > 0).astype(np.float64), minlength=int(self.core.max()) + 1
+        ).astype(np.int64)
+        return busy
+
+    def _pick(self, allowed: BoolArray, count: IntArray, prev: int, load: FloatArray) -> int:
+        """select_idle_sibling-like choice among ``allowed`` PUs."""
+        if not allowed.any():
+            return -1
+        idle = allowed & (count == 0)
+        if idle.any():
+            score = idle.astype(np.float64) * 4.0
+            core_idle = self._core_busy(count)[self.core] == 0
+            score += (idle & core_idle) * 2.0
+            if prev >= 0:
+                score += idle & (self.llc == self.llc[prev])
+                score += (idle & (self.node == self.node[prev])) * 0.5
+        else:
+            # Everything allowed is busy: the least loaded queue (fewest runnable, then demand).
+            score = np.where(allowed, -(count * 10.0 + load), -np.inf)
+            if prev >= 0:
+                score += (self.llc == self.llc[prev]) * 0.5
+        score = np.where(allowed, score + self.rng.random(self.n_pu) * 0.01, -np.inf)
+        return int(np.argmax(score))
+
+    # --- one tick -----------------------------------------------------------------------
+    def place(self, allowed: BoolArray, current: IntArray, demand: FloatArray, dt: float) -> Placement:
+        """New positions for every thread; ``allowed`` is (N, n_pu), ``current`` -1 if unplaced."""
+        n = len(current)
+        pu = current.copy()
+        migrated = np.zeros(n, dtype=np.bool_)
+        if n == 0:
+            z = np.zeros(0)
+            return Placement(pu, z, z, migrated)
+        rows = np.arange(n)
+        valid = (pu >= 0) & allowed[rows, np.maximum(pu, 0)]
+        pu[~valid] = -1
+        count = np.bincount(pu[pu >= 0], minlength=self.n_pu).astype(np.int64)
+        load = np.bincount(pu[pu >= 0], weights=demand[pu >= 0], minlength=self.n_pu).astype(np.float64)
+
+        def move(i: int, to: int) -> None:
+            frm = int(pu[i])
+            if frm >= 0:
+                count[frm] -= 1
+                load[frm] -= demand[i]
+                migrated[i] = migrated[i] or to != frm
+            pu[i] = to
+            if to >= 0:
+                count[to] += 1
+                load[to] += demand[i]
+
+        # 1. threads with nowhere to be (new, or their CPU is no longer allowed)
+        for i in self.rng.permutation(np.flatnonzero(pu < 0)):
+            prev = int(current[i])
+            to = self._pick(allowed[i], count, prev, load)
+            move(int(i), to)
+            migrated[i] = prev >= 0 and to != prev
+
+        # 2. balancing: a PU with >1 runnable gives one away to an idle PU (LLC, node, any)
+        for p in self.rng.permutation(np.flatnonzero(count > 1)):
+            while count[p] > 1:
+                here = np.flatnonzero(pu == p)
+                i = int(self.rng.choice(here))
+                idle = allowed[i] & (count == 0)
+                if not idle.any():
+                    break
+                move(i, self._pick(idle, count, int(p), load))
+
+        # 3. SMT: two busy siblings while an allowed core is wholly idle -> split them
+        busy = self._core_busy(count)
+        for c in np.flatnonzero(busy > 1) if (busy == 0).any() else ():
+            for i in np.flatnonzero(np.isin(pu, np.flatnonzero(self.core == c))):
+                core_idle = (busy[self.core] == 0) & allowed[i] & (count == 0)
+                if core_idle.any() and busy[c] > 1:
+                    move(int(i), self._pick(core_idle, count, int(pu[i]), load))
+                    busy = self._core_busy(count)
+
+        # 4. noise: wakeups on another idle PU of the LLC; rare pulls to another LLC
+        p_wake = np.clip(WAKE_MIGRATIONS_PER_IDLE_S * (1.0 - demand) * dt, 0.0, 1.0)
+        p_cross = min(CROSS_LLC_NOISE_PER_S * dt, 1.0)
+        draw = self.rng.random(n)
+        for i in np.flatnonzero((draw < p_wake + p_cross) & (pu >= 0)):
+            at = int(pu[i])
+            same_llc = self.llc == self.llc[at]
+            mask = allowed[i] & (count == 0) & (same_llc if draw[i] < p_wake[i] else ~same_llc)
+            if mask.any():
+                move(int(i), self._pick(mask, count, at, load))
+
+        got, delay = self.share(pu, demand)
+        return Placement(pu, got, delay, migrated & (pu != current))
+
+    def share(self, pu: IntArray, demand: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """Max-min fair split of each PU among the threads on it (CFS with equal weights)."""
+        got = np.where(pu >= 0, demand, 0.0)
+        placed = pu >= 0
+        load = np.bincount(pu[placed], weights=demand[placed], minlength=self.n_pu)
+        for p in np.flatnonzero(load > 1.0 + 1e-12):
+            idx = np.flatnonzero(pu == p)
+            d = np.sort(demand[idx])
+            left, k = 1.0, len(d)
+            level = 0.0
+            for j, dj in enumerate(d):
+                fair = left / (k - j)
+                if dj <= fair:
+                    left -= dj
+                else:
+                    level = fair
+                    break
+            else:
+                level = float(d[-1])
+            got[idx] = np.minimum(demand[idx], level)
+        delay = np.where(placed, demand - got, demand)
+        return got, delay

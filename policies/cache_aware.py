@@ -1,0 +1,805 @@
+"""``cache-aware`` (the default): keep cache-hungry VMs apart and each VM's vCPUs together.
+
+The model (docs/policies.md has the derivation). Every vCPU i has a CPU demand u_i (CPU time
+plus run-queue wait, per second) and an LLC miss rate m_i (misses/s). Placement is decided per
+*domain*: an LLC domain (a NUMA node at granularity "node"). The policy minimises an estimate
+of the throughput all vCPUs lose, in **vCPU-equivalents** (1.0 = one vCPU's full work), as the
+sum of four terms:
+
+- contention: a vCPU's misses grow by m_i * F_i / M_d, F_i the miss traffic of *other* VMs in
+  its domain, M_d the foreign traffic that would double them (``contention_misses_per_s`` per
+  8 MiB of LLC); each extra miss stalls ``miss_cost_ns``. Counted for both sides of each pair
+  this is 2 t m_i F_i / M_d -- superlinear, so hungry VMs are spread over distinct domains and
+  paired with quiet ones (the DI heuristic of Zhuravlev et al., ASPLOS 2010);
+- cohesion: a ``sharing`` fraction of a vCPU's misses is data its sibling vCPUs also use; for
+  the share of its VM's CPU time in other domains those become cross-domain transfers, costed
+  by SLIT distance / 10 (1 in the same node, ~2 across nodes);
+- memory: misses served from a remote node cost SLIT/10 - 1 extra (when Guest.memory_nodes is known);
+- overload: demand above the usable PUs of a domain is lost outright (time-sharing).
+
+With no PMU (or no miss rate for a vCPU) m_i is taken as u_i * ``assumed_misses_per_s``: the
+decision then rests on CPU time and cohesion, and Plan.notes says so.
+
+Each decide():
+
+1. *place*: VMs with vCPUs not yet confined to one domain are placed whole, hungriest first,
+   into the domain that costs least, filling it up to its free capacity before spilling into
+   the next; ``whole_cores`` VMs get whole cores, kept for them alone (kind "initial");
+2. *rebalance*: domains whose pressure (lost vCPU-equivalents of its vCPUs per unit of their
+   demand) is above ``enter`` -- or above ``exit`` if they were active last tick (hysteresis,
+   remembered in the state) -- give up their worst vCPUs, one greedy best move at a time, while a
+   move gains at least ``min_gain`` (kind "rebalance", or "cohesion" when that is the main gain);
+3. at granularity pu or core, the PU inside the domain is the least loaded one, busy vCPUs of
+   different VMs kept off SMT siblings while a free core exists; vCPUs doubled up on a PU while
+   one of their domain is idle are spread (kind "balance");
+4. every vCPU's wanted affinity (its domain ∩ usable, minus cores held by whole_cores VMs) is
+   compared with what it has: a difference is a move (kind "refit" when only the allowed set
+   changed, with ``predicted_gain`` 1.0: it is a correctness fix, not an optimisation).
+
+``predicted_gain`` of every other move is the estimated reduction of lost throughput, in
+vCPU-equivalents, so the guard's ``min_gain`` is in that unit too.
+
+Default granularity is "llc": the cache locality is what the model is about, and inside the
+domain the kernel's load balancer (SMT-aware, idle-core first) does better than a static PU
+choice from a 5-second average; "pu" removes that freedom, "node" gives up LLC awareness.
+
+State (JSON)::
+
+    {"version": 1, "granularity": "llc", "active": [<domain label>, ...]}
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from adaptive_pin.model import CpuSet, Guest, Plan, Snapshot, Topology, VCpu, VCpuKey
+from policies.base import (
+    Target,
+    check_granularity,
+    is_movable,
+    last_cpu,
+    moves_from_targets,
+    usable_cpus,
+    utilization,
+    versioned_state,
+)
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+STATE_VERSION = 1
+MIB = 1 << 20
+REFERENCE_LLC_BYTES = 8 * MIB  # contention_misses_per_s is per this much LLC
+FALLBACK_LLC_BYTES_PER_PU = 1 * MIB  # when sysfs gives no cache size
+LOCAL_DISTANCE = 10  # ACPI SLIT: a node to itself
+DEFAULT_REMOTE_DISTANCE = 20  # what Linux assumes without a SLIT
+SMT_LOSS = 0.35  # two busy threads on a core do ~1.3x one thread's work: each loses ~35%
+BUSY = 0.5  # a vCPU using at least half a CPU is "busy" for PU and SMT choices
+REFIT_GAIN = 1.0
+INF = math.inf
+
+
+@dataclass
+class _VCpuRow:
+    guest: Guest
+    gi: int
+    vcpu: VCpu
+    movable: bool
+    u: float  # demand, CPUs (0 when unknown)
+    known: bool  # rates sampled: utilization known
+    m: float  # LLC misses/s (measured or assumed)
+    measured: bool
+    aff_dom: int  # the one domain the affinity lies in (usable part), else -1
+    aff_weights: FloatArray | None  # share of the affinity's usable PUs per domain
+    dom: int  # where its load is counted now (-1: nowhere)
+    pu: int  # PU position it is taken to run on (-1: unknown)
+    whole: bool
+    target_dom: int = -1
+    target_pu: int = -1
+    kind: str = ""
+    gain: float = 0.0
+    why: str = ""
+
+
+@dataclass
+class _Aggregates:
+    P: FloatArray  # misses/s per domain
+    L: FloatArray  # CPU demand per domain (whole_cores VMs excluded: they hold their own PUs)
+    PG: FloatArray  # misses/s per (guest, domain)
+    UG: FloatArray  # demand per (guest, domain)
+    UT: FloatArray  # total demand per guest (for cohesion shares)
+    KU: FloatArray = field(init=False)
+    KP: FloatArray = field(init=False)
+
+
+class CacheAwarePolicy:
+    name = "cache-aware"
+    description = (
+        "default: spread cache-hungry VMs over LLC domains, keep each VM's vCPUs together, "
+        "balance load (falls back to CPU time without a PMU)"
+    )
+
+    def __init__(
+        self,
+        granularity: str = "llc",
+        miss_cost_ns: float = 15.0,
+        contention_misses_per_s: float = 1e8,
+        sharing: float = 0.3,
+        enter: float = 0.01,
+        exit: float = 0.004,  # noqa: A002 - the documented option name
+        min_gain: float = 0.002,
+        max_moves: int = 16,
+        candidates: int = 256,
+        assumed_misses_per_s: float = 1e7,
+    ) -> None:
+        self.granularity = check_granularity(granularity)
+        for label, value in (
+            ("miss_cost_ns", miss_cost_ns),
+            ("contention_misses_per_s", contention_misses_per_s),
+            ("assumed_misses_per_s", assumed_misses_per_s),
+        ):
+            if not value > 0:
+                raise ValueError(f"{label} must be > 0")
+        if not 0 <= sharing <= 1:
+            raise ValueError("sharing must be in [0, 1]")
+        if not 0 <= exit <= enter:
+            raise ValueError("need 0 <= exit <= enter")
+        if min_gain < 0 or max_moves < 0 or candidates < 1:
+            raise ValueError("min_gain and max_moves must be >= 0, candidates >= 1")
+        self.t = miss_cost_ns * 1e-9
+        self.miss_cost_ns = miss_cost_ns
+        self.contention = contention_misses_per_s
+        self.sharing = sharing
+        self.enter = enter
+        self.exit = exit
+        self.min_gain = min_gain
+        self.max_moves = max_moves
+        self.candidates = candidates
+        self.assumed = assumed_misses_per_s
+
+    def initial_state(self) -> object:
+        return {"version": STATE_VERSION, "granularity": self.granularity, "active": []}
+
+    def decide(self, snapshot: Snapshot, state: object) -> tuple[Plan, object]:
+        old = versioned_state(state, STATE_VERSION)
+        prev_active: set[int] = set()
+        if old and old.get("granularity") == self.granularity and isinstance(old.get("active"), list):
+            prev_active = {a for a in old["active"] if isinstance(a, int) and not isinstance(a, bool)}
+        world = _World(snapshot, self)
+        notes = world.run(prev_active)
+        plan = Plan(policy=self.name, moves=moves_from_targets(world.targets()), notes=tuple(notes))
+        new_state = {
+            "version": STATE_VERSION,
+            "granularity": self.granularity,
+            "active": sorted(int(world.labels[d]) for d in world.active),
+        }
+        return plan, new_state
+
+
+class _World:
+    """One decide()'s working copy of the host: domains, vCPUs, and the aggregates of the model."""
+
+    def __init__(self, snapshot: Snapshot, policy: CacheAwarePolicy) -> None:
+        self.s = snapshot
+        self.p = policy
+        self.gran = policy.granularity
+        topo = snapshot.topology
+        self.topo = topo
+        self.usable = usable_cpus(snapshot)
+        self.pos_of = {cpu: i for i, cpu in enumerate(topo.pus)}
+        npu = len(topo.pus)
+        label = np.asarray(topo.pu_node if self.gran == "node" else topo.pu_llc, dtype=np.int64)
+        labels, inverse = np.unique(label, return_inverse=True)
+        self.labels: IntArray = labels.astype(np.int64)
+        self.pu_dom: IntArray = inverse.reshape(-1).astype(np.int64)
+        self.D = len(self.labels)
+        self.usable_mask = np.array([c in self.usable for c in topo.pus], dtype=bool)
+        self.excl_owner: IntArray = np.full(npu, -1, dtype=np.int64)  # guest index holding the PU alone
+        self.holders: set[int] = set()  # guests holding whole cores
+        self._cap: FloatArray | None = None
+        self.dom_pos: list[IntArray] = [np.flatnonzero(self.pu_dom == d) for d in range(self.D)]
+        self.dom_node = np.array([int(topo.pu_node[pos[0]]) for pos in self.dom_pos], dtype=np.int64)
+        self.M = self._contention_scale()
+        self.K = self._cohesion_costs()
+        self.core_pos: list[IntArray] = [
+            np.array([self.pos_of[c] for c in core if c in self.pos_of], dtype=np.int64) for core in topo.cores
+        ]
+        self.pu_core = np.asarray(topo.pu_core, dtype=np.int64)
+        self.pmu = snapshot.has_pmu
+        self.guests = sorted(snapshot.guests, key=lambda g: g.id)
+        self.G = len(self.guests)
+        self.rho = self._remote_costs()
+        self.bad: defaultdict[VCpuKey, list[CpuSet]] = defaultdict(list)
+        for key, cpus in snapshot.bad_placements:
+            self.bad[key].append(cpus)
+        self.rows: list[_VCpuRow] = []
+        self._aff_cache: dict[CpuSet, tuple[int, FloatArray | None]] = {}
+        self._build_rows()
+        self.active: set[int] = set()
+        self.pl = np.zeros(npu)  # CPU demand per PU (pu/core granularity choices)
+        self.pl_guest: defaultdict[int, defaultdict[int, float]] = defaultdict(lambda: defaultdict(float))
+
+    # ------------------------------------------------------------------ topology-derived
+    def _contention_scale(self) -> FloatArray:
+        topo = self.topo
+        share = np.full(len(topo.pus), float(FALLBACK_LLC_BYTES_PER_PU))
+        for llc in topo.llc:
+            pos = [self.pos_of[c] for c in llc.cpus if c in self.pos_of]
+            if llc.size_bytes and pos:
+                share[pos] = llc.size_bytes / len(pos)
+        cache = np.bincount(self.pu_dom, weights=share, minlength=self.D)
+        scale: FloatArray = self.p.contention * cache / REFERENCE_LLC_BYTES
+        return scale
+
+    def _slit(self, a: int, b: int) -> float:
+        if a < 0 or b < 0:
+            return float(LOCAL_DISTANCE if a == b else DEFAULT_REMOTE_DISTANCE)
+        node = self.topo.numa_nodes.get(a)
+        default = LOCAL_DISTANCE if a == b else DEFAULT_REMOTE_DISTANCE
+        return float(node.distances.get(b, default)) if node else float(default)
+
+    def _cohesion_costs(self) -> FloatArray:
+        K = np.zeros((self.D, self.D))
+        for a in range(self.D):
+            for b in range(self.D):
+                if a != b:
+                    K[a, b] = self._slit(int(self.dom_node[a]), int(self.dom_node[b])) / LOCAL_DISTANCE
+        return K
+
+    def _remote_costs(self) -> FloatArray:
+        rho = np.zeros((self.G, self.D))
+        for gi, g in enumerate(self.guests):
+            if not g.memory_nodes:
+                continue
+            for d in range(self.D):
+                n = int(self.dom_node[d])
+                if n >= 0:
+                    best = min(self._slit(n, mem) for mem in g.memory_nodes)
+                    rho[gi, d] = max(0.0, best / LOCAL_DISTANCE - 1.0)
+        return rho
+
+    # ------------------------------------------------------------------ vCPUs
+    def _affinity_domain(self, aff: CpuSet) -> tuple[int, FloatArray | None]:
+        cached = self._aff_cache.get(aff)
+        if cached is None:
+            pos = np.array([self.pos_of[c] for c in aff if c in self.pos_of and c in self.usable], dtype=np.int64)
+            if len(pos) == 0:
+                cached = (-1, None)
+            else:
+                doms = np.unique(self.pu_dom[pos])
+                weights = np.bincount(self.pu_dom[pos], minlength=self.D) / len(pos)
+                cached = (int(doms[0]) if len(doms) == 1 else -1, weights.astype(np.float64))
+            self._aff_cache[aff] = cached
+        return cached
+
+    def _build_rows(self) -> None:
+        s = self.s
+        for gi, guest in enumerate(self.guests):
+            movable = is_movable(guest)
+            whole = movable and guest.pinnability.whole_cores
+            for v in sorted(guest.vcpus, key=lambda x: x.index):
+                r = s.rates.get((guest.id, v.index))
+                u = utilization(r)
+                miss = r.llc_misses_per_s if (r is not None and self.pmu) else None
+                measured = miss is not None
+                m = float(miss) if miss is not None else (u or 0.0) * self.p.assumed
+                aff_dom, weights = self._affinity_domain(v.affinity)
+                lc = last_cpu(s, guest, v)
+                lc_pos = self.pos_of[lc] if lc is not None else -1
+                if aff_dom >= 0:
+                    inside = lc is not None and lc in v.affinity and lc_pos >= 0 and self.pu_dom[lc_pos] == aff_dom
+                    pu = lc_pos if inside else self.pos_of[next(c for c in v.affinity if c in self.usable)]
+                    dom = aff_dom
+                else:
+                    pu = lc_pos
+                    dom = int(self.pu_dom[lc_pos]) if lc_pos >= 0 else -1
+                self.rows.append(
+                    _VCpuRow(
+                        guest=guest,
+                        gi=gi,
+                        vcpu=v,
+                        movable=movable and v.tid is not None,
+                        u=u or 0.0,
+                        known=u is not None,
+                        m=m,
+                        measured=measured,
+                        aff_dom=aff_dom,
+                        aff_weights=weights,
+                        dom=dom,
+                        pu=pu,
+                        whole=whole,
+                    )
+                )
+
+    # ------------------------------------------------------------------ the run
+    def run(self, prev_active: set[int]) -> list[str]:
+        notes: list[str] = []
+        if not self.pmu:
+            why = self.s.capabilities.get("llc_misses") or self.s.capabilities.get("instructions") or "unavailable"
+            notes.append(
+                f"no PMU ({why}): deciding on CPU time and cohesion only; LLC misses taken as "
+                f"{self.p.assumed:.3g}/s per busy vCPU"
+            )
+        else:
+            assumed = sum(1 for r in self.rows if r.movable and r.known and not r.measured)
+            if assumed:
+                notes.append(f"{assumed} vCPU(s) without an LLC miss rate: taken from CPU time")
+        if not self.usable:
+            notes.append("no usable CPUs: nothing to do")
+            return notes
+        self._check_whole_cores()
+        floating, waiting = self._floating_vms()
+        if waiting:
+            notes.append(f"{len(waiting)} VM(s) not placed until they have been sampled: {', '.join(waiting)}")
+        self.agg = self._aggregate(exclude={id(r) for rows in floating.values() for r in rows})
+        self._load_pus(exclude={id(r) for rows in floating.values() for r in rows})
+        placed = self._place(floating, notes)
+        self._rebalance(prev_active, notes, budget=self.p.max_moves)
+        if self.gran in ("pu", "core"):
+            self._balance_pus(budget=self.p.max_moves - sum(1 for r in self.rows if r.kind in ("rebalance", "cohesion")))
+        self._initial_gains(placed)
+        return notes
+
+    # whole_cores VMs: placed when each vCPU holds one whole core (its usable PUs) nobody else holds
+    def _check_whole_cores(self) -> None:
+        by_guest: defaultdict[int, list[_VCpuRow]] = defaultdict(list)
+        for r in self.rows:
+            if r.whole and r.movable:
+                by_guest[r.gi].append(r)
+        for gi, rows in by_guest.items():
+            cores: defaultdict[int, int] = defaultdict(int)
+            ok = True
+            for r in rows:
+                first = next(iter(r.vcpu.affinity), None)
+                if first is None or first not in self.pos_of:
+                    ok = False
+                    break
+                ci = int(self.pu_core[self.pos_of[first]])
+                core_usable = self.topo.cores[ci] & self.usable
+                if r.vcpu.affinity != core_usable or not core_usable:
+                    ok = False
+                    break
+                cores[ci] += 1
+            ok = ok and all(
+                n <= len(self.core_pos[ci]) and np.all(self.excl_owner[self.core_pos[ci]] < 0) for ci, n in cores.items()
+            )
+            if ok:
+                for ci in cores:
+                    self.hold(self.core_pos[ci], gi)
+            else:
+                for r in rows:
+                    r.aff_dom = -1  # re-place the VM whole
+
+    def _floating_vms(self) -> tuple[dict[int, list[_VCpuRow]], list[str]]:
+        floating: defaultdict[int, list[_VCpuRow]] = defaultdict(list)
+        for r in self.rows:
+            if r.movable and (r.aff_dom < 0 or not self._fits(r, r.aff_dom)):
+                floating[r.gi].append(r)
+        unknown = {r.gi for r in self.rows if r.movable and not r.known}
+        ready: dict[int, list[_VCpuRow]] = {}
+        waiting: list[str] = []
+        for gi, rows in floating.items():
+            if gi not in unknown:
+                ready[gi] = rows
+            else:
+                waiting.append(self.guests[gi].name)
+        return ready, sorted(waiting)
+
+    def _fits(self, r: _VCpuRow, d: int) -> bool:
+        """Whether the domain still has PUs this vCPU may use (usable, not held by another VM)."""
+        pos = self.dom_pos[d]
+        free = self.usable_mask[pos] & ((self.excl_owner[pos] < 0) | (self.excl_owner[pos] == r.gi))
+        return bool(free.any())
+
+    def _aggregate(self, exclude: set[int]) -> _Aggregates:
+        D, G = self.D, self.G
+        agg = _Aggregates(np.zeros(D), np.zeros(D), np.zeros((G, D)), np.zeros((G, D)), np.zeros(G))
+        for r in self.rows:
+            agg.UT[r.gi] += r.u
+            if r.dom < 0 or id(r) in exclude:
+                r.dom = -1 if id(r) in exclude else r.dom
+                continue
+            self._add(agg, r, r.dom, sign=1.0, refresh=False)
+        agg.UT = np.maximum(agg.UT, 1e-9)
+        agg.KU = agg.UG @ self.K
+        agg.KP = agg.PG @ self.K
+        return agg
+
+    def _add(self, agg: _Aggregates, r: _VCpuRow, d: int, sign: float, refresh: bool = True) -> None:
+        agg.P[d] += sign * r.m
+        agg.PG[r.gi, d] += sign * r.m
+        agg.UG[r.gi, d] += sign * r.u
+        if r.gi not in self.holders:
+            agg.L[d] += sign * r.u
+        if refresh:
+            agg.KU[r.gi] = agg.UG[r.gi] @ self.K
+            agg.KP[r.gi] = agg.PG[r.gi] @ self.K
+
+    def hold(self, pos: IntArray, gi: int) -> None:
+        self.excl_owner[pos] = gi
+        self.holders.add(gi)
+        self._cap = None
+
+    def capacity(self) -> FloatArray:
+        """Usable PUs per domain that no whole_cores VM holds."""
+        if self._cap is None:
+            free = self.usable_mask & (self.excl_owner < 0)
+            self._cap = np.bincount(self.pu_dom, weights=free.astype(np.float64), minlength=self.D)
+        return self._cap
+
+    def _load_pus(self, exclude: set[int]) -> None:
+        for r in self.rows:
+            if id(r) in exclude or r.pu < 0 or r.u <= 0:
+                continue
+            aff = [self.pos_of[c] for c in r.vcpu.affinity if c in self.pos_of] if len(r.vcpu.affinity) <= 4 else []
+            spots = aff if r.aff_dom >= 0 and aff else [r.pu]
+            for p in spots:
+                self._pu_add(p, r.gi, r.u / len(spots))
+
+    def _pu_add(self, p: int, gi: int, u: float) -> None:
+        self.pl[p] += u
+        self.pl_guest[p][gi] += u
+
+    # ------------------------------------------------------------------ cost rows
+    def cost_rows(self, rows: Sequence[_VCpuRow]) -> FloatArray:
+        """Cost (lost vCPU-equivalents) of each row's vCPU in each domain, everyone else fixed."""
+        a = self.agg
+        n = len(rows)
+        gi = np.fromiter((r.gi for r in rows), dtype=np.int64, count=n)
+        m = np.fromiter((r.m for r in rows), dtype=np.float64, count=n)
+        u = np.fromiter((r.u for r in rows), dtype=np.float64, count=n)
+        d = np.fromiter((r.dom for r in rows), dtype=np.int64, count=n)
+        whole = np.fromiter((r.whole for r in rows), dtype=bool, count=n)
+        here = np.zeros((n, self.D), dtype=bool)
+        has = d >= 0
+        here[np.flatnonzero(has), d[has]] = True
+        mh, uh = m[:, None] * here, u[:, None] * here
+        P = a.P[None, :] - mh
+        PG = a.PG[gi] - mh
+        L = a.L[None, :] - np.where(whole[:, None], 0.0, uh)
+        KU = a.KU[gi] - u[:, None] * np.where(has[:, None], self.K[np.maximum(d, 0)], 0.0)
+        KP = a.KP[gi] - m[:, None] * np.where(has[:, None], self.K[np.maximum(d, 0)], 0.0)
+        t = self.p.t
+        contention = 2.0 * t * m[:, None] * (P - PG) / self.M[None, :]
+        cohesion = self.p.sharing * t * (m[:, None] * KU + u[:, None] * KP) / a.UT[gi][:, None]
+        remote = t * m[:, None] * self.rho[gi]
+        cap = self.capacity()[None, :]
+        uu = np.where(whole, 0.0, u)[:, None]
+        overload = np.maximum(0.0, L + uu - cap) - np.maximum(0.0, L - cap)
+        out: FloatArray = contention + cohesion + remote + overload
+        return out
+
+    def cohesion_part(self, r: _VCpuRow, d: int) -> float:
+        a = self.agg
+        own = self.K[r.dom] if r.dom >= 0 else np.zeros(self.D)
+        ku = a.KU[r.gi, d] - r.u * own[d]
+        kp = a.KP[r.gi, d] - r.m * own[d]
+        return float(self.p.sharing * self.p.t * (r.m * ku + r.u * kp) / a.UT[r.gi])
+
+    def _mask(self, rows: Sequence[_VCpuRow], costs: FloatArray) -> FloatArray:
+        """Costs with domains a row may not go to set to +inf (no room for it, rolled back there)."""
+        open_dom = self.capacity() > 0
+        out = np.where(open_dom[None, :], costs, INF)
+        for i, r in enumerate(rows):
+            if r.gi in self.holders:
+                out[i] = [c if self._fits(r, d) else INF for d, c in enumerate(costs[i])]
+            for cpus in self.bad.get((r.guest.id, r.vcpu.index), ()):
+                doms = {int(self.pu_dom[self.pos_of[c]]) for c in cpus if c in self.pos_of}
+                if len(doms) == 1:
+                    out[i, doms.pop()] = INF
+        return out
+
+    # ------------------------------------------------------------------ 1. place
+    def _place(self, floating: dict[int, list[_VCpuRow]], notes: list[str]) -> list[_VCpuRow]:
+        placed: list[_VCpuRow] = []
+        order = sorted(floating, key=lambda gi: (-sum(r.m for r in floating[gi]), self.guests[gi].id))
+        for gi in order:
+            rows = sorted(floating[gi], key=lambda r: r.vcpu.index)
+            if rows[0].whole and self._place_whole(gi, rows):
+                placed.extend(rows)
+                continue
+            if rows[0].whole:
+                notes.append(f"no free whole cores for {self.guests[gi].name}: placed without exclusivity")
+            placed.extend(self._place_vm(gi, rows))
+        return placed
+
+    def _vm_scores(self, gi: int, rows: Sequence[_VCpuRow]) -> FloatArray:
+        a, t = self.agg, self.p.t
+        Pb = sum(r.m for r in rows)
+        Ub = sum(r.u for r in rows if not r.whole)
+        contention = 2.0 * t * Pb * (a.P - a.PG[gi]) / self.M
+        cohesion = self.p.sharing * t * (Pb * a.KU[gi] + Ub * a.KP[gi]) / a.UT[gi]
+        remote = t * Pb * self.rho[gi]
+        cap = self.capacity()
+        overload = np.maximum(0.0, a.L + Ub - cap) - np.maximum(0.0, a.L - cap)
+        scores: FloatArray = contention + cohesion + remote + overload
+        masked = self._mask(rows[:1], scores[None, :])[0]
+        return masked
+
+    def _best_domain(self, scores: FloatArray, free: FloatArray) -> int:
+        # lowest cost; among equals the most free capacity, then the lowest index
+        order = np.lexsort((np.arange(self.D), -free, np.round(scores, 12)))
+        return int(order[0])
+
+    def _place_vm(self, gi: int, rows: list[_VCpuRow]) -> list[_VCpuRow]:
+        todo = list(rows)
+        done: list[_VCpuRow] = []
+        while todo:
+            scores = self._vm_scores(gi, todo)
+            if not np.isfinite(scores).any():
+                break
+            free = self.capacity() - self.agg.L
+            d = self._best_domain(scores, free)
+            room = free[d]
+            take = 0
+            used = 0.0
+            for r in todo:
+                if take and used + r.u > room + 1e-9:
+                    break
+                used += r.u
+                take += 1
+            self._assign_many(todo[:take], d, "initial")
+            done.extend(todo[:take])
+            todo = todo[take:]
+        return done
+
+    def _place_whole(self, gi: int, rows: list[_VCpuRow]) -> bool:
+        need = len(rows)
+        free_cores = [
+            ci
+            for ci, pos in enumerate(self.core_pos)
+            if len(pos) and np.all(self.usable_mask[pos]) and np.all(self.excl_owner[pos] < 0)
+        ]
+        if sum(len(self.core_pos[ci]) for ci in free_cores) < need:
+            return False
+        todo = list(rows)
+        while todo:
+            scores = self._vm_scores(gi, todo)
+            by_dom: defaultdict[int, list[int]] = defaultdict(list)
+            for ci in free_cores:
+                if np.all(self.excl_owner[self.core_pos[ci]] < 0):
+                    by_dom[int(self.pu_dom[self.core_pos[ci][0]])].append(ci)
+            if not by_dom:
+                return False
+            doms = sorted(by_dom, key=lambda d: (round(float(scores[d]), 12), -len(by_dom[d]), d))
+            d = doms[0]
+            cores = sorted(by_dom[d], key=lambda ci: (float(self.pl[self.core_pos[ci]].sum()), ci))
+            for ci in cores:
+                if not todo:
+                    break
+                pos = self.core_pos[ci]
+                self.hold(pos, gi)
+                for p in pos:
+                    if not todo:
+                        break
+                    r = todo.pop(0)
+                    r.target_pu = int(p)
+                    self._assign(r, d, "initial", pu=int(p))
+        return True
+
+    def _assign(self, r: _VCpuRow, d: int, kind: str, pu: int | None = None) -> None:
+        self._assign_many([r], d, kind, pu)
+
+    def _assign_many(self, rows: Sequence[_VCpuRow], d: int, kind: str, pu: int | None = None) -> None:
+        """Put vCPUs of one VM into domain d: aggregates (refreshed once), PU choice, kind."""
+        for r in rows:
+            if r.dom >= 0:
+                self._add(self.agg, r, r.dom, sign=-1.0, refresh=False)
+            self._add(self.agg, r, d, sign=1.0, refresh=False)
+            r.dom = r.target_dom = d
+            r.kind = kind
+            chosen = pu
+            if chosen is None and self.gran in ("pu", "core"):
+                chosen = self._choose_pu(r, d)
+            if chosen is not None:
+                if r.pu >= 0 and r.u > 0:
+                    took = min(self.pl_guest[r.pu][r.gi], r.u)
+                    self.pl[r.pu] -= took
+                    self.pl_guest[r.pu][r.gi] -= took
+                self._pu_add(chosen, r.gi, r.u)
+                r.pu = r.target_pu = chosen
+        for gi in {r.gi for r in rows}:
+            self.agg.KU[gi] = self.agg.UG[gi] @ self.K
+            self.agg.KP[gi] = self.agg.PG[gi] @ self.K
+
+    def _choose_pu(self, r: _VCpuRow, d: int) -> int:
+        """Least-loaded PU of the domain; idle cores first, then a core shared with its own VM."""
+        best: tuple[float, int] | None = None
+        bad = {c for cpus in self.bad.get((r.guest.id, r.vcpu.index), ()) if len(cpus) == 1 for c in cpus}
+        for p in self.dom_pos[d]:
+            p = int(p)
+            if not self.usable_mask[p] or self.excl_owner[p] not in (-1, r.gi) or self.topo.pus[p] in bad:
+                continue
+            own = self.pl[p] - (self.pl_guest[p][r.gi] if r.pu == p else 0.0)
+            others = 0.0
+            mine = 0.0
+            for s in self.core_pos[int(self.pu_core[p])]:
+                if s == p:
+                    continue
+                same = self.pl_guest[int(s)].get(r.gi, 0.0)
+                others += self.pl[int(s)] - same
+                mine += same
+            score = own + 0.5 * min(others, 1.0) + 0.1 * min(mine, 1.0)
+            if best is None or score < best[0] - 1e-12:
+                best = (score, p)
+        return best[1] if best else int(self.dom_pos[d][0])
+
+    # ------------------------------------------------------------------ 2. rebalance
+    def _pressure(self) -> FloatArray:
+        """Per domain: lost vCPU-equivalents of its vCPUs per unit of their demand (floor 0.05 each)."""
+        rows = [r for r in self.rows if r.dom >= 0]
+        if not rows:
+            return np.zeros(self.D)
+        cost = self._own_costs(rows)
+        doms = np.fromiter((r.dom for r in rows), dtype=np.int64, count=len(rows))
+        demand = np.bincount(doms, weights=[max(r.u, 0.05) for r in rows], minlength=self.D)
+        lost = np.bincount(doms, weights=cost, minlength=self.D)
+        pressure: FloatArray = lost / np.maximum(demand, 1e-9)
+        return pressure
+
+    def _own_costs(self, rows: Sequence[_VCpuRow]) -> FloatArray:
+        """What each vCPU loses where it is now (its overload share pro rata of demand)."""
+        a, t, n = self.agg, self.p.t, len(rows)
+        gi = np.fromiter((r.gi for r in rows), dtype=np.int64, count=n)
+        d = np.fromiter((r.dom for r in rows), dtype=np.int64, count=n)
+        m = np.fromiter((r.m for r in rows), dtype=np.float64, count=n)
+        u = np.fromiter((r.u for r in rows), dtype=np.float64, count=n)
+        contention = 2.0 * t * m * (a.P[d] - a.PG[gi, d]) / self.M[d]
+        cohesion = self.p.sharing * t * (m * a.KU[gi, d] + u * a.KP[gi, d]) / a.UT[gi]
+        remote = t * m * self.rho[gi, d]
+        load = a.L[d]
+        overload = np.maximum(0.0, load - self.capacity()[d]) * np.where(load > 0, u / np.maximum(load, 1e-9), 0.0)
+        out: FloatArray = contention + cohesion + remote + overload
+        return out
+
+    def _rebalance(self, prev_active: set[int], notes: list[str], budget: int) -> None:
+        pressure = self._pressure()
+        label_to_dom = {int(lbl): d for d, lbl in enumerate(self.labels)}
+        was = {label_to_dom[lbl] for lbl in prev_active if lbl in label_to_dom}
+        self.active = {d for d in range(self.D) if pressure[d] > self.p.enter or (d in was and pressure[d] > self.p.exit)}
+        if self.active:
+            names = ", ".join(f"{int(self.labels[d])} ({pressure[d]:.3f})" for d in sorted(self.active))
+            notes.append(f"{'node' if self.gran == 'node' else 'LLC'} domains under pressure: {names}")
+        if not self.active or budget <= 0:
+            return
+        pool = [
+            r
+            for r in self.rows
+            if r.movable and r.known and not r.whole and not r.kind and r.dom in self.active and r.aff_dom >= 0
+        ]
+        if not pool:
+            return
+        own = self._own_costs(pool)
+        order = np.lexsort((np.arange(len(pool)), -own))[: self.p.candidates]
+        cand = [pool[i] for i in order]
+        for _ in range(budget):
+            if not cand:
+                break
+            costs = self._mask(cand, self.cost_rows(cand))
+            here = np.array([costs[i, r.dom] if np.isfinite(costs[i, r.dom]) else self._raw_here(r) for i, r in enumerate(cand)])
+            delta = costs - here[:, None]
+            for i, r in enumerate(cand):
+                delta[i, r.dom] = INF
+            flat = int(np.argmin(delta))
+            i, d = divmod(flat, self.D)
+            gain = -float(delta[i, d])
+            if not gain >= self.p.min_gain:
+                break
+            r = cand.pop(i)
+            coh_gain = self.cohesion_part(r, r.dom) - self.cohesion_part(r, d)
+            src = r.dom
+            self._assign(r, d, "cohesion" if coh_gain > gain / 2 else "rebalance")
+            r.gain = gain
+            r.why = (
+                f"{self._dom_name(src)} pressure {pressure[src]:.3f} > {self.p.enter:g}: "
+                f"to {self._dom_name(d)}, est. {gain:.3f} vCPU-equivalents regained"
+                f" ({'mostly VM cohesion' if r.kind == 'cohesion' else 'less cache contention / load'})"
+            )
+
+    def _raw_here(self, r: _VCpuRow) -> float:
+        return self.cost_rows([r])[0, r.dom]
+
+    def _dom_name(self, d: int) -> str:
+        return f"{'node' if self.gran == 'node' else 'LLC'} {int(self.labels[d])}"
+
+    # ------------------------------------------------------------------ 3. PUs
+    def _balance_pus(self, budget: int) -> None:
+        """pu/core granularity: spread vCPUs doubled up on a PU, and busy SMT pairs of two VMs."""
+        for r in self.rows:
+            if budget <= 0:
+                return
+            if not (r.movable and r.known and not r.whole and not r.kind and r.aff_dom >= 0 and r.pu >= 0):
+                continue
+            if r.u < BUSY:
+                continue
+            p = r.pu
+            doubled = self.pl[p] - r.u
+            sib_other = sum(
+                self.pl[int(s)] - self.pl_guest[int(s)].get(r.gi, 0.0) for s in self.core_pos[int(self.pu_core[p])] if s != p
+            )
+            new = self._choose_pu(r, r.dom)
+            if new == p:
+                continue
+            new_doubled = self.pl[new]
+            new_sib = sum(
+                self.pl[int(s)] - self.pl_guest[int(s)].get(r.gi, 0.0) for s in self.core_pos[int(self.pu_core[new])] if s != new
+            )
+            gain = min(doubled, r.u) - min(new_doubled, r.u)
+            gain += SMT_LOSS * (min(sib_other, r.u) - min(new_sib, r.u))
+            if gain < max(self.p.min_gain, 0.05):
+                continue
+            self._assign(r, r.dom, "balance", pu=new)
+            r.gain = gain
+            r.why = (
+                f"CPU {self.topo.pus[p]} shared with {doubled:.2f} CPU of other vCPUs / {sib_other:.2f} on its SMT "
+                f"sibling: to CPU {self.topo.pus[new]} (est. {gain:.3f} vCPU-equivalents)"
+            )
+            budget -= 1
+
+    # ------------------------------------------------------------------ 4. gains and targets
+    def _initial_gains(self, placed: list[_VCpuRow]) -> None:
+        """Gain of confining a floating vCPU: its expected cost where the scheduler may run it
+        (averaged over its current affinity's domains) minus its cost where it was placed."""
+        if not placed:
+            return
+        costs = self.cost_rows(placed)
+        for i, r in enumerate(placed):
+            w = r.aff_weights
+            if w is None or not np.isfinite(costs[i]).all():
+                finite = costs[i][np.isfinite(costs[i])]
+                floating_cost = float(finite.mean()) if len(finite) else 0.0
+            else:
+                floating_cost = float(w @ costs[i])
+            gain = floating_cost - float(costs[i, r.dom])
+            r.gain = gain
+            r.why = (
+                f"first placement of {r.guest.name} in {self._dom_name(r.dom)}"
+                f"{' on whole cores' if r.whole else ''} (VM {self._vm_miss_text(r.gi)}): est. "
+                f"{gain:.3f} vCPU-equivalents regained vs. floating"
+            )
+
+    def _vm_miss_text(self, gi: int) -> str:
+        if self.pmu:
+            return f"{self.agg.PG[gi].sum() / 1e6:.1f}M LLC misses/s"
+        return f"{self.agg.UG[gi].sum():.2f} CPUs"
+
+    def wanted(self, r: _VCpuRow) -> CpuSet:
+        """The affinity this vCPU should have given its domain/PU and who holds what."""
+        topo = self.topo
+        if r.whole and r.gi in self.holders and r.pu >= 0 and self.excl_owner[r.pu] == r.gi:
+            return topo.cores[int(self.pu_core[r.pu])] & self.usable
+        free = self.usable_mask & ((self.excl_owner < 0) | (self.excl_owner == r.gi))
+        if self.gran in ("llc", "node"):
+            pos = self.dom_pos[r.dom]
+            pos = pos[free[pos]]
+        elif self.gran == "core":
+            pos = self.core_pos[int(self.pu_core[r.pu])]
+            pos = pos[free[pos]]
+        else:
+            pos = np.array([r.pu] if free[r.pu] else [], dtype=np.int64)
+        return CpuSet(topo.pus[int(p)] for p in pos)
+
+    def targets(self) -> list[Target]:
+        out: list[Target] = []
+        for r in self.rows:
+            if not r.movable or r.dom < 0 or (not r.kind and r.aff_dom < 0):
+                continue
+            if r.kind and r.gain < self.p.min_gain:
+                continue  # not worth confining (yet): leave it to the scheduler
+            if r.pu < 0 and self.gran in ("pu", "core"):
+                continue
+            cpus = self.wanted(r)
+            if not cpus:
+                continue
+            if r.kind:
+                out.append(Target(r.guest, r.vcpu, cpus, r.why, r.gain, r.kind))
+            elif cpus != r.vcpu.affinity:
+                why = f"refit to {self._dom_name(r.dom)}: allowed CPUs changed (usable, taken or whole-core holders)"
+                out.append(Target(r.guest, r.vcpu, cpus, why, REFIT_GAIN, "refit"))
+        return out

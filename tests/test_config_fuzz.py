@@ -1,0 +1,64 @@
+"""parse_config never fails any other way than UsageError, whatever the text or the TOML."""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adaptive_pin.config import SECTIONS, Config, parse_config, render_toml, toml_value
+from adaptive_pin.errors import UsageError
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Keys drawn mostly from the real ones, so the fuzz reaches the per-option checks.
+REAL_KEYS = sorted({o.key for s in SECTIONS for o in s.options} | {"qmp", "vm", "options", "name", "uuid"})
+keys = st.one_of(st.sampled_from(REAL_KEYS), st.text(string.ascii_letters + "_-. ", min_size=1, max_size=8))
+scalars = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["0-3", "auto", "off", "/run/x", "127.0.0.1:1", "qemu", "6c0b1d63-3a53-4f3b-9c5e-0f5f2c3e8a10"]),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(keys, inner, max_size=3)),
+    max_leaves=8,
+)
+documents = st.dictionaries(
+    st.one_of(st.sampled_from([s.name for s in SECTIONS]), keys),
+    st.one_of(st.dictionaries(keys, values, max_size=4), values),
+    max_size=4,
+)
+
+
+def _toml(doc: dict[str, Any]) -> str:
+    return "\n".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in doc.items())
+
+
+def _only_usage_error(text: str) -> None:
+    try:
+        config = parse_config(text, "fuzz.toml")
+    except UsageError as exc:
+        msg = str(exc)
+        assert msg.startswith("fuzz.toml: ")
+        assert "\n" not in msg.rstrip() or "invalid TOML" in msg
+        return
+    assert isinstance(config, Config)
+    # Whatever was accepted renders to TOML that parses back to the same thing.
+    assert parse_config(render_toml(config, comments=False), "again") == config
+
+
+@SETTINGS
+@given(st.text(max_size=200))
+def test_arbitrary_text(text: str) -> None:
+    _only_usage_error(text)
+
+
+@SETTINGS
+@given(documents)
+def test_arbitrary_toml_documents(doc: dict[str, Any]) -> None:
+    _only_usage_error(_toml(doc))

@@ -1,0 +1,116 @@
+"""The guard: hysteresis, cooldown, no A->B->A, budget, usable CPUs only."""
+
+from __future__ import annotations
+
+import pytest
+
+from adaptive_pin.fixtures import fixture_root
+from adaptive_pin.guard import Guard, GuardSettings
+from adaptive_pin.model import (
+    CpuSet,
+    Guest,
+    Move,
+    Pinnability,
+    PinSource,
+    Plan,
+    Snapshot,
+    Topology,
+    VCpu,
+)
+from adaptive_pin.topology import read_topology
+
+
+@pytest.fixture(scope="module")
+def topo() -> Topology:
+    # 1 socket, 4 cores x 2 threads, one L3: PUs 0-7
+    return read_topology(fixture_root("8em64t-4c2t"), reserved=CpuSet.of(0))
+
+
+def _guest(n_vcpus: int = 4) -> Guest:
+    vcpus = tuple(VCpu(i, 1000 + i, CpuSet(range(8))) for i in range(n_vcpus))
+    return Guest("g1", "vm1", 999, vcpus, Pinnability(True, PinSource.DEFAULT), "test")
+
+
+def _snap(topo: Topology, t: float, taken: CpuSet = CpuSet()) -> Snapshot:
+    return Snapshot(time=t, topology=topo, guests=(_guest(),), rates={}, taken=taken)
+
+
+def _move(to: str, vcpu: int = 0, gain: float = 1.0, frm: str = "0-7", kind: str = "rebalance") -> Move:
+    return Move("g1", "vm1", vcpu, CpuSet.parse(frm), CpuSet.parse(to), "test", gain, kind)
+
+
+def _plan(*moves: Move) -> Plan:
+    return Plan("test", moves)
+
+
+def test_a_move_must_be_proposed_for_hold_ticks_in_a_row(topo: Topology) -> None:
+    g = Guard(GuardSettings(hold_ticks=3))
+    for t in (0, 1):
+        r = g.filter(_plan(_move("2")), _snap(topo, t))
+        assert not r.accepted and "of 3 consecutive" in r.refused[0][1]
+    assert g.filter(_plan(_move("2")), _snap(topo, 2)).accepted == (_move("2"),)
+
+
+def test_streak_resets_when_the_proposal_stops_or_changes(topo: Topology) -> None:
+    g = Guard(GuardSettings(hold_ticks=2))
+    g.filter(_plan(_move("2")), _snap(topo, 0))
+    g.filter(_plan(), _snap(topo, 1))  # not proposed: streak gone
+    assert not g.filter(_plan(_move("2")), _snap(topo, 2)).accepted
+    assert not g.filter(_plan(_move("3")), _snap(topo, 3)).accepted  # new target: new streak
+    assert g.filter(_plan(_move("3")), _snap(topo, 4)).accepted
+
+
+def test_first_placement_and_one_shot_skip_the_hold(topo: Topology) -> None:
+    g = Guard(GuardSettings(hold_ticks=5))
+    assert g.filter(_plan(_move("2", kind="initial")), _snap(topo, 0)).accepted
+    assert g.filter(_plan(_move("3", vcpu=1)), _snap(topo, 0), one_shot=True).accepted
+
+
+def test_cooldown_and_no_return_to_where_it_came_from(topo: Topology) -> None:
+    g = Guard(GuardSettings(hold_ticks=1, cooldown_s=60, return_window_s=300))
+    m = _move("2", frm="4")
+    assert g.filter(_plan(m), _snap(topo, 0)).accepted
+    g.record_move(m, 0)
+    # within the cooldown nothing moves this vCPU
+    r = g.filter(_plan(_move("3", frm="2")), _snap(topo, 30))
+    assert "cooling down" in r.refused[0][1]
+    # after the cooldown it may move, but not back to 4 (A -> B -> A) ...
+    r = g.filter(_plan(_move("4", frm="2")), _snap(topo, 100))
+    assert "would move back" in r.refused[0][1]
+    assert g.filter(_plan(_move("5", frm="2")), _snap(topo, 101)).accepted
+    # ... until the return window has passed
+    assert g.filter(_plan(_move("4", frm="2")), _snap(topo, 301)).accepted
+
+
+def test_budget_keeps_the_largest_gains(topo: Topology) -> None:
+    g = Guard(GuardSettings(hold_ticks=1, budget_per_tick=2))
+    moves = [_move(str(cpu), vcpu=i, gain=float(i)) for i, cpu in enumerate((2, 3, 4, 5))]
+    r = g.filter(_plan(*moves), Snapshot(0, topo, (_guest(4),), {}))
+    assert [m.vcpu for m in r.accepted] == [3, 2]
+    assert {m.vcpu for m, why in r.refused if "budget" in why} == {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("target", "taken", "why"),
+    [("0", "", "not usable"), ("9", "", "not usable"), ("6", "6-7", "not usable"), ("", "", "empty")],
+)
+def test_never_onto_reserved_offline_or_taken_cpus(topo: Topology, target: str, taken: str, why: str) -> None:
+    g = Guard(GuardSettings(hold_ticks=1))
+    r = g.filter(_plan(_move(target)), _snap(topo, 0, CpuSet.parse(taken)))
+    assert not r.accepted and why in r.refused[0][1]
+
+
+def test_min_gain_and_rolled_back_placements(topo: Topology) -> None:
+    g = Guard(GuardSettings(hold_ticks=1, min_gain=0.5))
+    assert "below minimum" in g.filter(_plan(_move("2", gain=0.1)), _snap(topo, 0)).refused[0][1]
+    bad = Snapshot(0, topo, (_guest(),), {}, bad_placements=frozenset({(("g1", 0), CpuSet.of(2))}))
+    assert "rolled back" in g.filter(_plan(_move("2")), bad).refused[0][1]
+
+
+def test_state_round_trip_keeps_cooldowns(topo: Topology) -> None:
+    g = Guard(GuardSettings(hold_ticks=1, cooldown_s=60))
+    g.record_move(_move("2", frm="4"), 10)
+    g2 = Guard(GuardSettings(hold_ticks=1, cooldown_s=60))
+    g2.import_state(g.export_state())
+    assert "cooling down" in g2.filter(_plan(_move("3", frm="2")), _snap(topo, 20)).refused[0][1]
+    assert "would move back" in g2.filter(_plan(_move("4", frm="2")), _snap(topo, 100)).refused[0][1]
