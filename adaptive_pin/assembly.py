@@ -67,4 +67,3 @@ def assemble(config: Config, *, hide_pmu: bool = False) -> Assembly:
         driver.close()
         raise
     return Assembly(controller, runtime, name)
-

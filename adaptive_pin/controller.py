@@ -94,12 +94,9 @@ class Controller:
         refused: list[tuple[Move, str]] = []
         outcomes: list[MoveOutcome] = []
         if "inventory" not in errors:
-            plan = self._decide(snapshot, errors)
-            verdict = self.guard.filter(self._sane(plan, snapshot, refused), snapshot, one_shot=one_shot)
-            refused.extend(verdict.refused)
-            for move in verdict.accepted:
-                if self._apply(move, snapshot, errors, refused):
-                    applied.append(move)
+            # Verify first: this tick's readings close earlier moves' after-windows and open
+            # the before-window of any move made now; a rollback then holds its vCPU in
+            # cooldown, so the policy cannot move it again in the same tick.
             outcomes = self.journal.observe(snapshot)
             for outcome in outcomes:
                 self._log_outcome(outcome)
@@ -107,6 +104,12 @@ class Controller:
                     back = self._rollback_move(outcome.move, snapshot)
                     if back is not None and self._apply(back, snapshot, errors, refused):
                         applied.append(back)
+            plan = self._decide(snapshot, errors)
+            verdict = self.guard.filter(self._sane(plan, snapshot, refused), snapshot, one_shot=one_shot)
+            refused.extend(verdict.refused)
+            for move in verdict.accepted:
+                if self._apply(move, snapshot, errors, refused):
+                    applied.append(move)
             self.guard.forget({(g.id, v.index) for g in snapshot.guests for v in g.vcpus})
         for move, why in refused:
             log.debug("held %s vcpu %d -> %s: %s", move.guest_name, move.vcpu, move.to_cpus, why)
@@ -134,13 +137,13 @@ class Controller:
             except AdaptivePinError as exc:
                 errors["topology"] += 1
                 log.warning("topology re-read failed, keeping the last one: %s", exc)
-        now = self.clock()
         try:
             inv = self.driver.inventory()
         except AdaptivePinError as exc:
             errors["inventory"] += 1
             log.error("inventory failed: %s", exc)
-            return Snapshot(time=now, topology=self.topology, guests=(), rates={})
+            return Snapshot(time=self.clock(), topology=self.topology, guests=(), rates={})
+        now = self.clock()  # after the inventory: a simulated host's clock advances inside it
         self._last_inventory = inv
         for guest, err in inv.errors.items():
             errors["guest"] += 1

@@ -190,9 +190,7 @@ class Daemon:
 
             asm.runtime.driver.rules = pinnability_rules(new)  # type: ignore[attr-defined]
         restart = [
-            k
-            for k in ("driver", "metrics", "daemon", "host")
-            if getattr(new, k) != getattr(self.config, k)
+            k for k in ("driver", "metrics", "daemon", "host") if getattr(new, k) != getattr(self.config, k)
         ]
         self.config = replace(new)
         log.info(
@@ -217,9 +215,7 @@ class Daemon:
     def _save_state(self, asm: Assembly, report: TickReport | None) -> None:
         placement = statefile.placement_of(report.snapshot.guests) if report else {}
         try:
-            statefile.save_state(
-                self.config.daemon.state_file, statefile.capture(asm.controller, placement)
-            )
+            statefile.save_state(self.config.daemon.state_file, statefile.capture(asm.controller, placement))
         except (AdaptivePinError, OSError) as exc:
             log.error("state file %s not written: %s", self.config.daemon.state_file, exc)
 

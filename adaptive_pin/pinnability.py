@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from xml.parsers import expat
+from xml.sax.saxutils import quoteattr
 
 from adaptive_pin.model import Pinnability, PinSource
 
@@ -179,14 +180,15 @@ def parse_metadata(text: str) -> ParsedMetadata:
 
 
 def metadata_xml(hints: Hints) -> str:
-    """The element to store with libvirt's setMetadata (key :data:`PREFIX`, uri :data:`NAMESPACE`)."""
-    el = ET.Element(ELEMENT, {"mode": hints.mode.value})
+    """The element, in its namespace: for a domain's ``<metadata>`` or libvirt's setMetadata
+    (key :data:`PREFIX`, uri :data:`NAMESPACE`)."""
+    attrs = {"xmlns": NAMESPACE, "mode": hints.mode.value}
     if hints.whole_cores is not None:
-        el.set("whole-cores", "yes" if hints.whole_cores else "no")
+        attrs["whole-cores"] = "yes" if hints.whole_cores else "no"
     if hints.latency_sensitive is not None:
         cls = LatencyClass.LATENCY_SENSITIVE if hints.latency_sensitive else LatencyClass.DEFAULT
-        el.set("class", cls.value)
-    return ET.tostring(el, encoding="unicode")
+        attrs["class"] = cls.value
+    return f"<{ELEMENT} " + " ".join(f"{k}={quoteattr(v)}" for k, v in attrs.items()) + "/>"
 
 
 # --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ cost under 1 % of one core.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import multiprocessing as mp
@@ -141,10 +142,8 @@ def _spawn(n: int) -> tuple[list[Guest], list[tuple[mp.process.BaseProcess, Conn
 
 def _stop(helpers: list[tuple[mp.process.BaseProcess, Connection]]) -> None:
     for _proc, conn in helpers:
-        try:
+        with contextlib.suppress(OSError):
             conn.send("stop")
-        except OSError:
-            pass
     for proc, _conn in helpers:
         proc.join(timeout=10)
         if proc.is_alive():
@@ -230,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     results = [measure(n, args.rounds) for n in counts]
     if args.json:
-        print(json.dumps({"target_us_per_vcpu": TARGET_US, "results": [asdict(r) for r in results]}, indent=2))
+        print(
+            json.dumps({"target_us_per_vcpu": TARGET_US, "results": [asdict(r) for r in results]}, indent=2)
+        )
     else:
         print(_table(results))
     return 0

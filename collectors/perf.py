@@ -73,6 +73,8 @@ _FD_LIMIT = {errno.EMFILE, errno.ENFILE}
 
 
 def _errname(err: int) -> str:
+    if err == errno.EOPNOTSUPP:
+        return "EOPNOTSUPP"  # == ENOTSUP on Linux; perf_event_open(2) documents this spelling
     return errno.errorcode.get(err, str(err))
 
 

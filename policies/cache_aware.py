@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from adaptive_pin.model import CpuSet, Guest, Plan, Snapshot, Topology, VCpu, VCpuKey
+from adaptive_pin.model import CpuSet, Guest, Plan, Snapshot, VCpu, VCpuKey
 from policies.base import (
     Target,
     check_granularity,
@@ -127,12 +127,13 @@ class CacheAwarePolicy:
 
     def __init__(
         self,
+        *,
         granularity: str = "llc",
         miss_cost_ns: float = 15.0,
         contention_misses_per_s: float = 1e8,
         sharing: float = 0.3,
         enter: float = 0.01,
-        exit: float = 0.004,  # noqa: A002 - the documented option name
+        exit: float = 0.004,
         min_gain: float = 0.002,
         max_moves: int = 16,
         candidates: int = 256,
@@ -169,8 +170,9 @@ class CacheAwarePolicy:
     def decide(self, snapshot: Snapshot, state: object) -> tuple[Plan, object]:
         old = versioned_state(state, STATE_VERSION)
         prev_active: set[int] = set()
-        if old and old.get("granularity") == self.granularity and isinstance(old.get("active"), list):
-            prev_active = {a for a in old["active"] if isinstance(a, int) and not isinstance(a, bool)}
+        active = old.get("active") if old and old.get("granularity") == self.granularity else None
+        if isinstance(active, list):
+            prev_active = {a for a in active if isinstance(a, int) and not isinstance(a, bool)}
         world = _World(snapshot, self)
         notes = world.run(prev_active)
         plan = Plan(policy=self.name, moves=moves_from_targets(world.targets()), notes=tuple(notes))
@@ -208,7 +210,8 @@ class _World:
         self.M = self._contention_scale()
         self.K = self._cohesion_costs()
         self.core_pos: list[IntArray] = [
-            np.array([self.pos_of[c] for c in core if c in self.pos_of], dtype=np.int64) for core in topo.cores
+            np.array([self.pos_of[c] for c in core if c in self.pos_of], dtype=np.int64)
+            for core in topo.cores
         ]
         self.pu_core = np.asarray(topo.pu_core, dtype=np.int64)
         self.pmu = snapshot.has_pmu
@@ -245,12 +248,12 @@ class _World:
         return float(node.distances.get(b, default)) if node else float(default)
 
     def _cohesion_costs(self) -> FloatArray:
-        K = np.zeros((self.D, self.D))
+        k = np.zeros((self.D, self.D))
         for a in range(self.D):
             for b in range(self.D):
                 if a != b:
-                    K[a, b] = self._slit(int(self.dom_node[a]), int(self.dom_node[b])) / LOCAL_DISTANCE
-        return K
+                    k[a, b] = self._slit(int(self.dom_node[a]), int(self.dom_node[b])) / LOCAL_DISTANCE
+        return k
 
     def _remote_costs(self) -> FloatArray:
         rho = np.zeros((self.G, self.D))
@@ -268,7 +271,9 @@ class _World:
     def _affinity_domain(self, aff: CpuSet) -> tuple[int, FloatArray | None]:
         cached = self._aff_cache.get(aff)
         if cached is None:
-            pos = np.array([self.pos_of[c] for c in aff if c in self.pos_of and c in self.usable], dtype=np.int64)
+            pos = np.array(
+                [self.pos_of[c] for c in aff if c in self.pos_of and c in self.usable], dtype=np.int64
+            )
             if len(pos) == 0:
                 cached = (-1, None)
             else:
@@ -293,7 +298,9 @@ class _World:
                 lc = last_cpu(s, guest, v)
                 lc_pos = self.pos_of[lc] if lc is not None else -1
                 if aff_dom >= 0:
-                    inside = lc is not None and lc in v.affinity and lc_pos >= 0 and self.pu_dom[lc_pos] == aff_dom
+                    inside = (
+                        lc is not None and lc in v.affinity and lc_pos >= 0 and self.pu_dom[lc_pos] == aff_dom
+                    )
                     pu = lc_pos if inside else self.pos_of[next(c for c in v.affinity if c in self.usable)]
                     dom = aff_dom
                 else:
@@ -321,7 +328,8 @@ class _World:
     def run(self, prev_active: set[int]) -> list[str]:
         notes: list[str] = []
         if not self.pmu:
-            why = self.s.capabilities.get("llc_misses") or self.s.capabilities.get("instructions") or "unavailable"
+            caps = self.s.capabilities
+            why = caps.get("llc_misses") or caps.get("instructions") or "unavailable"
             notes.append(
                 f"no PMU ({why}): deciding on CPU time and cohesion only; LLC misses taken as "
                 f"{self.p.assumed:.3g}/s per busy vCPU"
@@ -336,13 +344,14 @@ class _World:
         self._check_whole_cores()
         floating, waiting = self._floating_vms()
         if waiting:
-            notes.append(f"{len(waiting)} VM(s) not placed until they have been sampled: {', '.join(waiting)}")
+            notes.append(f"{len(waiting)} VM(s) not placed before they are sampled: {', '.join(waiting)}")
         self.agg = self._aggregate(exclude={id(r) for rows in floating.values() for r in rows})
         self._load_pus(exclude={id(r) for rows in floating.values() for r in rows})
         placed = self._place(floating, notes)
         self._rebalance(prev_active, notes, budget=self.p.max_moves)
         if self.gran in ("pu", "core"):
-            self._balance_pus(budget=self.p.max_moves - sum(1 for r in self.rows if r.kind in ("rebalance", "cohesion")))
+            moved = sum(1 for r in self.rows if r.kind in ("rebalance", "cohesion"))
+            self._balance_pus(budget=self.p.max_moves - moved)
         self._initial_gains(placed)
         return notes
 
@@ -367,7 +376,8 @@ class _World:
                     break
                 cores[ci] += 1
             ok = ok and all(
-                n <= len(self.core_pos[ci]) and np.all(self.excl_owner[self.core_pos[ci]] < 0) for ci, n in cores.items()
+                n <= len(self.core_pos[ci]) and np.all(self.excl_owner[self.core_pos[ci]] < 0)
+                for ci, n in cores.items()
             )
             if ok:
                 for ci in cores:
@@ -398,8 +408,8 @@ class _World:
         return bool(free.any())
 
     def _aggregate(self, exclude: set[int]) -> _Aggregates:
-        D, G = self.D, self.G
-        agg = _Aggregates(np.zeros(D), np.zeros(D), np.zeros((G, D)), np.zeros((G, D)), np.zeros(G))
+        nd, ng = self.D, self.G
+        agg = _Aggregates(np.zeros(nd), np.zeros(nd), np.zeros((ng, nd)), np.zeros((ng, nd)), np.zeros(ng))
         for r in self.rows:
             agg.UT[r.gi] += r.u
             if r.dom < 0 or id(r) in exclude:
@@ -430,14 +440,20 @@ class _World:
         """Usable PUs per domain that no whole_cores VM holds."""
         if self._cap is None:
             free = self.usable_mask & (self.excl_owner < 0)
-            self._cap = np.bincount(self.pu_dom, weights=free.astype(np.float64), minlength=self.D)
+            self._cap = np.bincount(self.pu_dom, weights=free.astype(np.float64), minlength=self.D).astype(
+                np.float64
+            )
         return self._cap
 
     def _load_pus(self, exclude: set[int]) -> None:
         for r in self.rows:
             if id(r) in exclude or r.pu < 0 or r.u <= 0:
                 continue
-            aff = [self.pos_of[c] for c in r.vcpu.affinity if c in self.pos_of] if len(r.vcpu.affinity) <= 4 else []
+            aff = (
+                [self.pos_of[c] for c in r.vcpu.affinity if c in self.pos_of]
+                if len(r.vcpu.affinity) <= 4
+                else []
+            )
             spots = aff if r.aff_dom >= 0 and aff else [r.pu]
             for p in spots:
                 self._pu_add(p, r.gi, r.u / len(spots))
@@ -460,18 +476,19 @@ class _World:
         has = d >= 0
         here[np.flatnonzero(has), d[has]] = True
         mh, uh = m[:, None] * here, u[:, None] * here
-        P = a.P[None, :] - mh
-        PG = a.PG[gi] - mh
-        L = a.L[None, :] - np.where(whole[:, None], 0.0, uh)
-        KU = a.KU[gi] - u[:, None] * np.where(has[:, None], self.K[np.maximum(d, 0)], 0.0)
-        KP = a.KP[gi] - m[:, None] * np.where(has[:, None], self.K[np.maximum(d, 0)], 0.0)
+        press = a.P[None, :] - mh
+        press_own = a.PG[gi] - mh
+        load = a.L[None, :] - np.where(whole[:, None], 0.0, uh)
+        k_here = np.where(has[:, None], self.K[np.maximum(d, 0)], 0.0)
+        ku = a.KU[gi] - u[:, None] * k_here
+        kp = a.KP[gi] - m[:, None] * k_here
         t = self.p.t
-        contention = 2.0 * t * m[:, None] * (P - PG) / self.M[None, :]
-        cohesion = self.p.sharing * t * (m[:, None] * KU + u[:, None] * KP) / a.UT[gi][:, None]
+        contention = 2.0 * t * m[:, None] * (press - press_own) / self.M[None, :]
+        cohesion = self.p.sharing * t * (m[:, None] * ku + u[:, None] * kp) / a.UT[gi][:, None]
         remote = t * m[:, None] * self.rho[gi]
         cap = self.capacity()[None, :]
         uu = np.where(whole, 0.0, u)[:, None]
-        overload = np.maximum(0.0, L + uu - cap) - np.maximum(0.0, L - cap)
+        overload = np.maximum(0.0, load + uu - cap) - np.maximum(0.0, load - cap)
         out: FloatArray = contention + cohesion + remote + overload
         return out
 
@@ -511,15 +528,15 @@ class _World:
 
     def _vm_scores(self, gi: int, rows: Sequence[_VCpuRow]) -> FloatArray:
         a, t = self.agg, self.p.t
-        Pb = sum(r.m for r in rows)
-        Ub = sum(r.u for r in rows if not r.whole)
-        contention = 2.0 * t * Pb * (a.P - a.PG[gi]) / self.M
-        cohesion = self.p.sharing * t * (Pb * a.KU[gi] + Ub * a.KP[gi]) / a.UT[gi]
-        remote = t * Pb * self.rho[gi]
+        p_batch = sum(r.m for r in rows)
+        u_batch = sum(r.u for r in rows if not r.whole)
+        contention = 2.0 * t * p_batch * (a.P - a.PG[gi]) / self.M
+        cohesion = self.p.sharing * t * (p_batch * a.KU[gi] + u_batch * a.KP[gi]) / a.UT[gi]
+        remote = t * p_batch * self.rho[gi]
         cap = self.capacity()
-        overload = np.maximum(0.0, a.L + Ub - cap) - np.maximum(0.0, a.L - cap)
+        overload = np.maximum(0.0, a.L + u_batch - cap) - np.maximum(0.0, a.L - cap)
         scores: FloatArray = contention + cohesion + remote + overload
-        masked = self._mask(rows[:1], scores[None, :])[0]
+        masked: FloatArray = self._mask(rows[:1], scores[None, :])[0]
         return masked
 
     def _best_domain(self, scores: FloatArray, free: FloatArray) -> int:
@@ -612,8 +629,8 @@ class _World:
         """Least-loaded PU of the domain; idle cores first, then a core shared with its own VM."""
         best: tuple[float, int] | None = None
         bad = {c for cpus in self.bad.get((r.guest.id, r.vcpu.index), ()) if len(cpus) == 1 for c in cpus}
-        for p in self.dom_pos[d]:
-            p = int(p)
+        for pos in self.dom_pos[d]:
+            p = int(pos)
             if not self.usable_mask[p] or self.excl_owner[p] not in (-1, r.gi) or self.topo.pus[p] in bad:
                 continue
             own = self.pl[p] - (self.pl_guest[p][r.gi] if r.pu == p else 0.0)
@@ -654,7 +671,9 @@ class _World:
         cohesion = self.p.sharing * t * (m * a.KU[gi, d] + u * a.KP[gi, d]) / a.UT[gi]
         remote = t * m * self.rho[gi, d]
         load = a.L[d]
-        overload = np.maximum(0.0, load - self.capacity()[d]) * np.where(load > 0, u / np.maximum(load, 1e-9), 0.0)
+        overload = np.maximum(0.0, load - self.capacity()[d]) * np.where(
+            load > 0, u / np.maximum(load, 1e-9), 0.0
+        )
         out: FloatArray = contention + cohesion + remote + overload
         return out
 
@@ -662,7 +681,9 @@ class _World:
         pressure = self._pressure()
         label_to_dom = {int(lbl): d for d, lbl in enumerate(self.labels)}
         was = {label_to_dom[lbl] for lbl in prev_active if lbl in label_to_dom}
-        self.active = {d for d in range(self.D) if pressure[d] > self.p.enter or (d in was and pressure[d] > self.p.exit)}
+        self.active = {
+            d for d in range(self.D) if pressure[d] > self.p.enter or (d in was and pressure[d] > self.p.exit)
+        }
         if self.active:
             names = ", ".join(f"{int(self.labels[d])} ({pressure[d]:.3f})" for d in sorted(self.active))
             notes.append(f"{'node' if self.gran == 'node' else 'LLC'} domains under pressure: {names}")
@@ -671,7 +692,12 @@ class _World:
         pool = [
             r
             for r in self.rows
-            if r.movable and r.known and not r.whole and not r.kind and r.dom in self.active and r.aff_dom >= 0
+            if r.movable
+            and r.known
+            and not r.whole
+            and not r.kind
+            and r.dom in self.active
+            and r.aff_dom >= 0
         ]
         if not pool:
             return
@@ -682,7 +708,12 @@ class _World:
             if not cand:
                 break
             costs = self._mask(cand, self.cost_rows(cand))
-            here = np.array([costs[i, r.dom] if np.isfinite(costs[i, r.dom]) else self._raw_here(r) for i, r in enumerate(cand)])
+            here = np.array(
+                [
+                    costs[i, r.dom] if np.isfinite(costs[i, r.dom]) else self._raw_here(r)
+                    for i, r in enumerate(cand)
+                ]
+            )
             delta = costs - here[:, None]
             for i, r in enumerate(cand):
                 delta[i, r.dom] = INF
@@ -703,7 +734,7 @@ class _World:
             )
 
     def _raw_here(self, r: _VCpuRow) -> float:
-        return self.cost_rows([r])[0, r.dom]
+        return float(self.cost_rows([r])[0, r.dom])
 
     def _dom_name(self, d: int) -> str:
         return f"{'node' if self.gran == 'node' else 'LLC'} {int(self.labels[d])}"
@@ -720,16 +751,12 @@ class _World:
                 continue
             p = r.pu
             doubled = self.pl[p] - r.u
-            sib_other = sum(
-                self.pl[int(s)] - self.pl_guest[int(s)].get(r.gi, 0.0) for s in self.core_pos[int(self.pu_core[p])] if s != p
-            )
+            sib_other = self._sibling_load(p, r.gi)
             new = self._choose_pu(r, r.dom)
             if new == p:
                 continue
             new_doubled = self.pl[new]
-            new_sib = sum(
-                self.pl[int(s)] - self.pl_guest[int(s)].get(r.gi, 0.0) for s in self.core_pos[int(self.pu_core[new])] if s != new
-            )
+            new_sib = self._sibling_load(new, r.gi)
             gain = min(doubled, r.u) - min(new_doubled, r.u)
             gain += SMT_LOSS * (min(sib_other, r.u) - min(new_sib, r.u))
             if gain < max(self.p.min_gain, 0.05):
@@ -737,10 +764,16 @@ class _World:
             self._assign(r, r.dom, "balance", pu=new)
             r.gain = gain
             r.why = (
-                f"CPU {self.topo.pus[p]} shared with {doubled:.2f} CPU of other vCPUs / {sib_other:.2f} on its SMT "
-                f"sibling: to CPU {self.topo.pus[new]} (est. {gain:.3f} vCPU-equivalents)"
+                f"CPU {self.topo.pus[p]} shared with {doubled:.2f} CPU of other vCPUs, "
+                f"{sib_other:.2f} on its SMT sibling: to CPU {self.topo.pus[new]} "
+                f"(est. {gain:.3f} vCPU-equivalents)"
             )
             budget -= 1
+
+    def _sibling_load(self, p: int, gi: int) -> float:
+        """CPU demand of other VMs on the SMT siblings of PU position p."""
+        sib = (int(s) for s in self.core_pos[int(self.pu_core[p])] if s != p)
+        return float(sum(self.pl[s] - self.pl_guest[s].get(gi, 0.0) for s in sib))
 
     # ------------------------------------------------------------------ 4. gains and targets
     def _initial_gains(self, placed: list[_VCpuRow]) -> None:
@@ -800,6 +833,8 @@ class _World:
             if r.kind:
                 out.append(Target(r.guest, r.vcpu, cpus, r.why, r.gain, r.kind))
             elif cpus != r.vcpu.affinity:
-                why = f"refit to {self._dom_name(r.dom)}: allowed CPUs changed (usable, taken or whole-core holders)"
+                why = (
+                    f"refit to {self._dom_name(r.dom)}: its allowed CPUs changed (usable, taken, whole cores)"
+                )
                 out.append(Target(r.guest, r.vcpu, cpus, why, REFIT_GAIN, "refit"))
         return out

@@ -34,4 +34,5 @@ class PackPolicy(StaticPolicy):
         return chosen
 
     def reason(self, topology: Topology, cpu: int) -> str:
-        return f"pack: first free PU in CPU order, siblings first (CPU {cpu}, core {topology.smt_siblings(cpu)})"
+        core = topology.smt_siblings(cpu)
+        return f"pack: first free PU in CPU order, siblings first (CPU {cpu} of core {core})"

@@ -52,8 +52,12 @@ def _plugins() -> dict[str, EntryPoint]:
         if ep.name in BUILTINS:
             log.warning("plug-in policy %r (%s) ignored: a built-in policy has that name", ep.name, ep.value)
         elif ep.name in found:
-            log.warning("plug-in policy %r (%s) ignored: %s already has that name", ep.name, ep.value,
-                        found[ep.name].value)
+            log.warning(
+                "plug-in policy %r (%s) ignored: %s already has that name",
+                ep.name,
+                ep.value,
+                found[ep.name].value,
+            )
         else:
             found[ep.name] = ep
     return found
@@ -66,8 +70,9 @@ def _factories() -> dict[str, Factory]:
         try:
             factory = ep.load()
         except Exception as exc:  # anything a third-party import can raise
-            log.warning("plug-in policy %r (%s) failed to load: %s: %s", name, ep.value,
-                        type(exc).__name__, exc)
+            log.warning(
+                "plug-in policy %r (%s) failed to load: %s: %s", name, ep.value, type(exc).__name__, exc
+            )
             continue
         if not callable(factory):
             log.warning("plug-in policy %r (%s) is not callable", name, ep.value)
@@ -83,8 +88,9 @@ def _description(name: str, factory: Factory) -> str | None:
     try:
         desc = getattr(factory(), "description", None)
     except Exception as exc:
-        log.warning("plug-in policy %r cannot be built with default options: %s: %s", name,
-                    type(exc).__name__, exc)
+        log.warning(
+            "plug-in policy %r cannot be built with default options: %s: %s", name, type(exc).__name__, exc
+        )
         return None
     return desc.strip().splitlines()[0] if isinstance(desc, str) and desc.strip() else name
 
@@ -150,8 +156,9 @@ def get_policy(name: str, **options: Any) -> Policy:
         valid = ", ".join(sorted(params)) or "(none)"
         raise UsageError(f"policy {name}: bad option: {exc} (valid options: {valid})") from None
     if not isinstance(policy, Policy):
-        raise UsageError(f"policy {name}: {factory!r} did not build a Policy (name, description, "
-                         "initial_state, decide)")
+        raise UsageError(
+            f"policy {name}: {factory!r} did not build a Policy (name, description, initial_state, decide)"
+        )
     return policy
 
 

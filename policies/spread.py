@@ -37,9 +37,9 @@ class SpreadPolicy(StaticPolicy):
                 chosen.append(occ.least_shared(usable_order))
                 continue
             d = min(open_domains, key=lambda i: (sum(load(k) for k in domains[i]), i))
-            core = min((k for k in domains[d] if occ.free(k)), key=lambda k: (load(k), k[0]))
-            chosen.append(occ.take(occ.free(core)[0]))
+            pick = min((k for k in domains[d] if occ.free(k)), key=lambda k: (load(k), k[0]))
+            chosen.append(occ.take(occ.free(pick)[0]))
         return chosen
 
     def reason(self, topology: Topology, cpu: int) -> str:
-        return f"spread: round-robin over LLC domains and cores (CPU {cpu} in LLC {topology.llc_of(cpu).index})"
+        return f"spread: round-robin over LLC domains and cores (CPU {cpu}, LLC {topology.llc_of(cpu).index})"

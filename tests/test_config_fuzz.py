@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaptive_pin.config import SECTIONS, Config, parse_config, render_toml, toml_value
+from adaptive_pin.config import SECTIONS, VM_OPTIONS, Config, Section, parse_config, render_toml, toml_value
 from adaptive_pin.errors import UsageError
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -21,17 +21,36 @@ scalars = st.one_of(
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12),
-    st.sampled_from(["0-3", "auto", "off", "/run/x", "127.0.0.1:1", "qemu", "6c0b1d63-3a53-4f3b-9c5e-0f5f2c3e8a10"]),
+    st.sampled_from(
+        ["0-3", "auto", "off", "/run/x", "127.0.0.1:1", "qemu", "6c0b1d63-3a53-4f3b-9c5e-0f5f2c3e8a10"]
+    ),
 )
 values = st.recursive(
     scalars,
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(keys, inner, max_size=3)),
     max_leaves=8,
 )
-documents = st.dictionaries(
-    st.one_of(st.sampled_from([s.name for s in SECTIONS]), keys),
-    st.one_of(st.dictionaries(keys, values, max_size=4), values),
-    max_size=4,
+
+
+def _section(sec: Section) -> st.SearchStrategy[dict[str, Any]]:
+    real = st.sampled_from([o.key for o in sec.options] + list(sec.subtables))
+    vm_table = st.dictionaries(
+        st.one_of(st.sampled_from([o.key for o in VM_OPTIONS]), keys), scalars, max_size=4
+    )
+    special = {
+        "vm": st.lists(vm_table, max_size=3),
+        "qmp": st.dictionaries(keys, st.one_of(st.just("/run/q.sock"), scalars), max_size=2),
+    }
+    item = st.one_of(*[real] * 9, keys).flatmap(
+        lambda k: st.tuples(st.just(k), st.one_of(special[k], values) if k in special else values)
+    )
+    return st.lists(item, max_size=5).map(dict)
+
+
+# Mostly the real sections and keys, so the fuzz gets past "unknown key" to the checks.
+documents = st.fixed_dictionaries(
+    {},
+    optional={s.name: st.one_of(*[_section(s)] * 9, values) for s in SECTIONS},
 )
 
 

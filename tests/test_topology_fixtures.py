@@ -196,26 +196,26 @@ def test_fixture_root_is_stable_and_unknown_names_are_usage_errors() -> None:
 
 
 def test_fixture_root_unpacks_once_when_processes_race(tmp_path: Path) -> None:
-    """Several processes asking at once all get the same complete tree."""
+    """Several processes asking at once all get the same complete tree, and no temp dir stays."""
     import subprocess
     import sys
 
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     code = (
-        "from adaptive_pin.fixtures import fixture_root; from adaptive_pin.topology import read_topology;"
-        "r = fixture_root('96em64t-4no4pa3ca2co'); print(r, len(read_topology(r).pus))"
+        "from adaptive_pin.fixtures import fixture_root; r = fixture_root('8em64t-4c2t');"
+        "print(r, sum(1 for _ in r.rglob('*')))"
     )
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
-        for _ in range(4)
+        for _ in range(3)
     ]
     outs = {p.communicate()[0].strip() for p in procs}
     assert all(p.returncode == 0 for p in procs)
     assert len(outs) == 1
     path, count = outs.pop().split()
-    assert count == "96"
+    assert int(count) > 300  # the whole tree, not a half-unpacked one
     assert Path(path).parent == tmp_path / "adaptive-pin" / "topologies"
-    assert [p.name for p in Path(path).parent.iterdir()] == [Path(path).name]  # no temp dirs left
+    assert [p.name for p in Path(path).parent.iterdir()] == [Path(path).name]
 
 
 def test_shipped_archives_are_small() -> None:

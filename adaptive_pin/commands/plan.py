@@ -7,7 +7,11 @@ import json
 import time
 
 from adaptive_pin.assembly import assemble
-from adaptive_pin.commands._controller_args import CONTROLLER_EPILOG, add_controller_arguments, effective_config
+from adaptive_pin.commands._controller_args import (
+    CONTROLLER_EPILOG,
+    add_controller_arguments,
+    effective_config,
+)
 from adaptive_pin.config import DEFAULT_PATH
 from adaptive_pin.model import Move, TickReport
 

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
+from collections.abc import Callable
 
-from adaptive_pin.commands._controller_args import CONTROLLER_EPILOG, add_controller_arguments, effective_config
+from adaptive_pin.commands._controller_args import (
+    CONTROLLER_EPILOG,
+    add_controller_arguments,
+    effective_config,
+)
 from adaptive_pin.config import DEFAULT_PATH
 from adaptive_pin.daemon import Daemon, DaemonOptions, ensure_dirs, setup_logging
 from adaptive_pin.model import TickReport
@@ -42,8 +49,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument("--dry-run", action="store_true", default=None, help="decide and log, pin nothing")
     g.add_argument("--metrics-address", metavar="HOST:PORT", help="Prometheus endpoint (loopback by default)")
     g.add_argument("--no-metrics", action="store_true", help="serve no metrics")
-    g.add_argument("--state-file", metavar="FILE", help="state file (default /var/lib/adaptive-pin/state.json)")
-    g.add_argument("--lock-file", metavar="FILE", help="instance lock (default /run/adaptive-pin/adaptive-pin.lock)")
+    g.add_argument(
+        "--state-file", metavar="FILE", help="state file (default /var/lib/adaptive-pin/state.json)"
+    )
+    g.add_argument(
+        "--lock-file", metavar="FILE", help="instance lock (default /run/adaptive-pin/adaptive-pin.lock)"
+    )
     restore = g.add_mutually_exclusive_group()
     restore.add_argument(
         "--restore-on-exit",
@@ -87,10 +98,21 @@ def run(args: argparse.Namespace) -> int:
     return Daemon(config, options).run()
 
 
-def _live_table():  # type: ignore[no-untyped-def]
+def _live_table() -> Callable[[TickReport], None]:
+    """Redraw the per-vCPU table on stdout after every tick (logs stay on stderr)."""
     from adaptive_pin import live_table
 
     def show(report: TickReport) -> None:
-        live_table.show(report.snapshot)
+        snap = report.snapshot
+        rows = live_table.table_rows(snap.guests, snap.rates, no_pmu=not snap.has_pmu)
+        moved = ", ".join(f"{m.guest_name}/{m.vcpu}->{m.to_cpus}" for m in report.applied) or "none"
+        head = (
+            f"adaptive-pin run  tick {report.tick}  policy {report.policy}  "
+            f"{sum(len(g.vcpus) for g in snap.guests)} vCPUs  moves: {moved}"
+        )
+        width = shutil.get_terminal_size().columns
+        out = "\n".join([head[:width], "", *live_table.render(rows, width)])
+        sys.stdout.write("\x1b[H\x1b[2J" + out + "\n")
+        sys.stdout.flush()
 
     return show

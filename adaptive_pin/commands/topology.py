@@ -23,11 +23,16 @@ Where sysfs shows no L3, each package stands in as the LLC domain and the output
 
 EPILOG = """\
 examples:
-  adaptive-pin topology                          this host
-  adaptive-pin topology --reserved 0,1           ... keeping CPUs 0 and 1 for the host
-  adaptive-pin topology --json | jq .llc_domains the LLC domains the policies use
-  adaptive-pin topology --fixture 64amd64-4s2n4ca2co    a shipped real machine (AMD Bulldozer)
-  adaptive-pin topology --sysfs-root /tmp/dump   a dump holding sys/devices/system/{cpu,node}
+  adaptive-pin topology
+      this host, as a tree
+  adaptive-pin topology --reserved 0,1
+      ... keeping CPUs 0 and 1 for host housekeeping (they leave "usable")
+  adaptive-pin topology --json | jq .llc_domains
+      the LLC domains the policies place vCPUs by
+  adaptive-pin topology --fixture 64amd64-4s2n4ca2co
+      a shipped real machine (4-socket AMD Bulldozer)
+  adaptive-pin topology --sysfs-root /tmp/dump
+      a dump holding sys/devices/system/{cpu,node} (and proc/ for the cgroup)
 
 shipped machines (--fixture):
   {names}

@@ -7,8 +7,8 @@ What it imitates of CFS/EEVDF (kernel/sched/fair.c), at the granularity of one t
 - periodic/newidle balancing pulls a second runnable thread off a busy PU to an idle one,
   same LLC first, then same node, then anywhere the affinity allows; and splits two busy
   threads on one core when a whole core is idle;
-- noise: threads that sleep part of the time wake on other idle PUs of their LLC, and now
-  and then any thread is pulled to another LLC by transient host load.
+- noise: threads that sleep part of the time wake on another PU of their LLC that is idle or
+  less loaded, and now and then any thread is pulled to another LLC by transient host load.
 Rates and choices are in docs/simulator.md ("Scheduler"); the RNG is seeded by the scenario.
 """
 
@@ -136,7 +136,9 @@ class LinuxLikeScheduler:
         for i in np.flatnonzero((draw < p_wake + p_cross) & (pu >= 0)):
             at = int(pu[i])
             same_llc = self.llc == self.llc[at]
-            mask = allowed[i] & (count == 0) & (same_llc if draw[i] < p_wake[i] else ~same_llc)
+            # An idle PU, or one whose queue is lighter even with this thread on it.
+            lighter = (count == 0) | (load + demand[i] < load[at] - 1e-9)
+            mask = allowed[i] & lighter & (same_llc if draw[i] < p_wake[i] else ~same_llc)
             if mask.any():
                 move(int(i), self._pick(mask, count, at, load))
 

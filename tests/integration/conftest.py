@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from adaptive_pin.model import CpuSet
 from tests.conftest import require
 
 URI = "qemu:///system"
@@ -182,9 +183,10 @@ def make_qemu() -> Iterator[Callable[..., QemuGuest]]:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cpus_allowed_list(pid: int, tid: int) -> str:
+def cpus_allowed(pid: int, tid: int) -> CpuSet:
+    """The thread's Cpus_allowed_list from /proc/<pid>/task/<tid>/status: what the kernel enforces."""
     with open(f"/proc/{pid}/task/{tid}/status") as f:
         for line in f:
             if line.startswith("Cpus_allowed_list:"):
-                return line.split(":", 1)[1].strip()
+                return CpuSet.parse(line.split(":", 1)[1])
     raise AssertionError(f"no Cpus_allowed_list in /proc/{pid}/task/{tid}/status")

@@ -14,7 +14,7 @@ from adaptive_pin.drivers.libvirt import LibvirtDriver
 from adaptive_pin.errors import DriverError, GuestGoneError, PinError
 from adaptive_pin.model import CpuSet, EventKind, Guest, GuestEvent, PinSource
 from adaptive_pin.pinnability import NAMESPACE, PREFIX, Hints, Mode, metadata_xml
-from tests.integration.conftest import URI, DomainSpec, cpus_allowed_list, wait_for
+from tests.integration.conftest import URI, DomainSpec, cpus_allowed, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def test_inventory_finds_vcpu_threads_matching_qemu(driver: Any, make_domains: A
         assert {v.index: v.tid for v in g.vcpus} == _qmp_threads(dom)
         for v in g.vcpus:
             assert v.tid is not None and g.pid is not None
-            assert v.affinity == CpuSet.parse(cpus_allowed_list(g.pid, v.tid))
+            assert v.affinity == cpus_allowed(g.pid, v.tid)
             assert v.last_cpu is not None
     assert _guest(inv, doms[0].name()).pinnability.managed
     assert _guest(inv, doms[0].name()).pinnability.source is PinSource.DEFAULT
@@ -78,12 +78,12 @@ def test_pin_shows_in_proc_and_in_libvirt(driver: Any, make_domains: Any, libvir
     host_cpus = libvirt_conn.getCPUMap()[0]
     for target in (CpuSet.of(1), CpuSet.of(0)):
         driver.pin(g, 1, target)
-        assert cpus_allowed_list(g.pid, g.vcpu(1).tid) == target.to_list()
+        assert cpus_allowed(g.pid, g.vcpu(1).tid) == target
         pin_info = dom.vcpuPinInfo(0)
         assert CpuSet(i for i, on in enumerate(pin_info[1]) if on) == target
         assert len(pin_info[1]) == host_cpus
         # vCPU 0 untouched
-        assert cpus_allowed_list(g.pid, g.vcpu(0).tid) == g.vcpu(0).affinity.to_list()
+        assert cpus_allowed(g.pid, g.vcpu(0).tid) == g.vcpu(0).affinity
     # A live pin by this driver must not make the VM look orchestrator-pinned next time.
     again = _guest(driver.inventory(), dom.name())
     assert not again.orchestrator_pinned and again.pinnability.managed
@@ -98,7 +98,7 @@ def test_orchestrator_pinned_is_left_alone_and_its_cpus_reported(driver: Any, ma
     assert [v.affinity for v in g.vcpus] == [CpuSet.of(1), CpuSet.of(1)]
     with pytest.raises(PinError, match="not managed"):
         driver.pin(g, 0, CpuSet.of(0))
-    assert cpus_allowed_list(g.pid, g.vcpu(0).tid) == "1"
+    assert cpus_allowed(g.pid, g.vcpu(0).tid) == CpuSet.of(1)
 
 
 def test_opted_out_vm_is_never_pinned_even_with_a_stale_guest(driver: Any, make_domains: Any) -> None:
@@ -109,16 +109,18 @@ def test_opted_out_vm_is_never_pinned_even_with_a_stale_guest(driver: Any, make_
         driver.pin(g_off, 0, CpuSet.of(1))
     # The VM opts out after the caller's inventory: the driver re-reads and still refuses.
     g_on = _guest(inv, on.name())
-    before = cpus_allowed_list(g_on.pid, g_on.vcpu(0).tid)
-    on.setMetadata(0, OFF, PREFIX, NAMESPACE, 1)  # VIR_DOMAIN_METADATA_ELEMENT, AFFECT_LIVE
+    before = cpus_allowed(g_on.pid, g_on.vcpu(0).tid)
+    import libvirt
+
+    on.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, OFF, PREFIX, NAMESPACE, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     ev = _wait_event(driver, EventKind.CHANGED, on.UUIDString())
     assert ev.name == on.name()
     with pytest.raises(PinError, match="metadata: mode off"):
         driver.pin(g_on, 0, CpuSet.of(1))
-    assert cpus_allowed_list(g_on.pid, g_on.vcpu(0).tid) == before
+    assert cpus_allowed(g_on.pid, g_on.vcpu(0).tid) == before
     for g in (g_off, g_on):
         for v in g.vcpus:
-            assert cpus_allowed_list(g.pid, v.tid) == v.affinity.to_list()
+            assert cpus_allowed(g.pid, v.tid) == v.affinity
 
 
 def test_start_and_stop_events_within_a_second(driver: Any, make_domains: Any) -> None:
@@ -165,7 +167,7 @@ def test_domain_destroyed_before_pin_raises_guest_gone(driver: Any, make_domains
         driver.pin(_guest(inv, victim.name()), 0, CpuSet.of(1))
     g = _guest(inv, keep.name())
     driver.pin(g, 0, CpuSet.of(1))
-    assert cpus_allowed_list(g.pid, g.vcpu(0).tid) == "1"
+    assert cpus_allowed(g.pid, g.vcpu(0).tid) == CpuSet.of(1)
 
 
 def _admin_clients(server: str) -> set[str]:

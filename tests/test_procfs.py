@@ -1,0 +1,101 @@
+"""/proc per-thread counters: parsing edge cases and real threads."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from adaptive_pin.model import CPU_TIME, INVOLUNTARY_CTXSW, RUN_DELAY, VOLUNTARY_CTXSW, ThreadRef
+from collectors.base import Collector
+from collectors.procfs import (
+    CLK_TCK,
+    ProcfsCollector,
+    ProcParseError,
+    parse_schedstat,
+    parse_stat,
+    parse_status_ctxsw,
+)
+from tests.test_perf import Worker, _fd_count, _spin, worker
+
+
+def _stat_line(comm: str, utime: int = 7, stime: int = 3, cpu: int = 1) -> bytes:
+    fields = ["S", "1"] + ["0"] * 49  # fields 3..53
+    fields[14 - 3], fields[15 - 3], fields[39 - 3] = str(utime), str(stime), str(cpu)
+    return f"4242 ({comm}) {' '.join(fields)}\n".encode()
+
+
+@pytest.mark.parametrize("comm", ["CPU 0/KVM", "a) b) (c", "x", "CPU 3/TCG"])
+def test_stat_parses_whatever_comm_holds(comm: str) -> None:
+    st = parse_stat(_stat_line(comm, utime=11, stime=5, cpu=3))
+    assert (st.utime_ticks, st.stime_ticks, st.processor) == (11, 5, 3)
+
+
+def test_bad_files_raise_parse_errors() -> None:
+    with pytest.raises(ProcParseError):
+        parse_stat(b"4242 no-paren S 1")
+    with pytest.raises(ProcParseError):
+        parse_stat(b"4242 (x) S 1 2")
+    with pytest.raises(ProcParseError):
+        parse_schedstat(b"12")
+    assert parse_schedstat(b"123456 789 10\n") == (123456, 789)
+    status = b"Name:\tx\nvoluntary_ctxt_switches:\t12\nnonvoluntary_ctxt_switches:\t3\n"
+    assert parse_status_ctxsw(status) == (12, 3)
+
+
+def test_real_thread_cpu_time_run_delay_and_last_cpu() -> None:
+    procfs = ProcfsCollector(context_switches=True)
+    assert isinstance(procfs, Collector)
+    burned: dict[str, float] = {}
+    with worker() as w:
+        before = procfs.sample([w.ref])[w.tid]
+        w.run(_spin(0.2, burned))
+        w.run(lambda: [time.sleep(0.002) for _ in range(10)] and None)
+        after = procfs.sample([w.ref])[w.tid]
+    procfs.close()
+    assert after.values[CPU_TIME] - before.values[CPU_TIME] == pytest.approx(burned["burned"], rel=0.05)
+    assert after.values[RUN_DELAY] >= before.values[RUN_DELAY] >= 0
+    assert after.values[VOLUNTARY_CTXSW] - before.values[VOLUNTARY_CTXSW] >= 10
+    assert INVOLUNTARY_CTXSW in after.values
+    assert after.last_cpu is not None and 0 <= after.last_cpu < (os.cpu_count() or 1)
+    assert after.missing == {}
+
+
+def test_gone_thread_is_left_out_and_its_files_closed() -> None:
+    procfs = ProcfsCollector()
+    fds = _fd_count()
+    w = Worker()
+    ref = w.ref
+    assert ref.tid in procfs.sample([ref])
+    assert _fd_count() == fds + 2  # stat and schedstat stay open for pread
+    w.stop()
+    assert procfs.sample([ref]) == {}
+    assert _fd_count() == fds
+
+
+def _fake_task(root: Path, pid: int, tid: int, stat: bytes, schedstat: bytes | None) -> ThreadRef:
+    task = root / str(pid) / "task" / str(tid)
+    task.mkdir(parents=True)
+    (task / "stat").write_bytes(stat)
+    if schedstat is not None:
+        (task / "schedstat").write_bytes(schedstat)
+    return ThreadRef(("vm", tid), pid, tid)
+
+
+def test_without_schedstat_cpu_time_comes_from_ticks(tmp_path: Path) -> None:
+    ref = _fake_task(tmp_path, 10, 11, _stat_line("CPU 0/KVM", utime=30, stime=20, cpu=2), None)
+    got = ProcfsCollector(proc=str(tmp_path)).sample([ref])[11]
+    assert got.values[CPU_TIME] == pytest.approx(50 / CLK_TCK)
+    assert got.last_cpu == 2
+    assert RUN_DELAY in got.missing and RUN_DELAY not in got.values
+
+
+def test_a_garbled_file_names_itself_and_spares_other_threads(tmp_path: Path) -> None:
+    bad = _fake_task(tmp_path, 10, 11, b"garbage", b"1000000000 5 1\n")
+    good = _fake_task(tmp_path, 10, 12, _stat_line("CPU 1/KVM"), b"2000000000 500000000 3\n")
+    got = ProcfsCollector(proc=str(tmp_path)).sample([bad, good])
+    assert "task/11/stat" in got[11].missing.get(CPU_TIME, "") or got[11].values[CPU_TIME] == 1.0
+    assert got[11].last_cpu is None
+    assert got[12].values == {CPU_TIME: 2.0, RUN_DELAY: 0.5}
