@@ -693,7 +693,7 @@ def _key(k: str) -> str:
     return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k, ensure_ascii=False)
 
 
-def with_overrides(config: Config, source: str = "command line", **dotted_keys: object) -> Config:
+def with_overrides(config: Config, source: str = "command line", /, **dotted_keys: object) -> Config:
     """``config`` with options replaced, e.g. ``with_overrides(c, **{"controller.dry_run": True})``.
 
     Flags override the file: each value is validated exactly as in the file (errors name

@@ -244,13 +244,16 @@ class MetricsExporter:
             return self._latest
 
     # --- HTTP ------------------------------------------------------------------------------------
-    def serve(self, address: str = DEFAULT_ADDRESS) -> MetricsServer:
-        """Serve /metrics on ``address`` (``HOST:PORT``; port 0 picks a free one) in a daemon thread."""
-        host, port = parse_address(address)
+    def serve(self, address: str = DEFAULT_ADDRESS, flag: str = "--metrics-address") -> MetricsServer:
+        """Serve /metrics on ``address`` (``HOST:PORT``; port 0 picks a free one) in a daemon thread.
+
+        ``flag`` names where the address came from (a CLI flag or a config key) in error messages.
+        """
+        host, port = parse_address(address, flag)
         try:
             httpd, thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
-            raise UsageError(f"--metrics-address {address}: cannot listen: {exc.strerror or exc}") from exc
+            raise UsageError(f"{flag} {address}: cannot listen: {exc.strerror or exc}") from exc
         bound = httpd.server_address
         return MetricsServer(httpd, thread, (str(bound[0]), int(bound[1])))
 

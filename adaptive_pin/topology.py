@@ -442,7 +442,7 @@ def _read_allowed(tree: _Tree, online: CpuSet, notes: list[str]) -> CpuSet:
 # --- the reader -----------------------------------------------------------------------------
 
 
-def read_topology(root: str | Path = "/", reserved: CpuSet = CpuSet()) -> Topology:  # noqa: B008
+def read_topology(root: str | Path = "/", reserved: CpuSet = CpuSet()) -> Topology:
     """Read ``<root>/sys/devices/system/{cpu,node}`` (and the cgroup cpuset) into a Topology."""
     tree = _Tree(Path(root))
     online, offline, notes = _read_online(tree)

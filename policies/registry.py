@@ -155,6 +155,8 @@ def get_policy(name: str, **options: Any) -> Policy:
     except (TypeError, ValueError) as exc:
         valid = ", ".join(sorted(params)) or "(none)"
         raise UsageError(f"policy {name}: bad option: {exc} (valid options: {valid})") from None
+    except Exception as exc:  # a plug-in's constructor may raise anything
+        raise UsageError(f"policy {name} could not be built: {type(exc).__name__}: {exc}") from None
     if not isinstance(policy, Policy):
         raise UsageError(
             f"policy {name}: {factory!r} did not build a Policy (name, description, initial_state, decide)"

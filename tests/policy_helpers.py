@@ -60,13 +60,18 @@ def make_topology(
         for i in range(n_llc)
     )
     n_nodes = max(node_of_core) + 1
-    node_cpus = [CpuSet(x for c in range(n_cores) if node_of_core[c] == n for x in cpu[c]) for n in range(n_nodes)]
+    node_cpus = [
+        CpuSet(x for c in range(n_cores) if node_of_core[c] == n for x in cpu[c]) for n in range(n_nodes)
+    ]
     numa = {
         n: NumaNode(
             n,
             node_cpus[n],
             None,
-            {m: 10 if m == n else (16 if m // nodes_per_package == n // nodes_per_package else 21) for m in range(n_nodes)},
+            {
+                m: 10 if m == n else (16 if m // nodes_per_package == n // nodes_per_package else 21)
+                for m in range(n_nodes)
+            },
         )
         for n in range(n_nodes)
     }
@@ -106,7 +111,7 @@ def make_topology(
 
 REAL_TOPOLOGIES = (
     "32intel64-2p8co2t+8ve",  # 2 sockets, SMT, 2 LLC
-    "x86_64-epyc_7451",  # 16 CCX LLCs, 8 nodes, SMT
+    "64amd64-4s2n4ca2co",  # 4 sockets, 8 LLC domains, 8 NUMA nodes
     "16amd64-8n2c-cpusets",  # no L3, cgroup-restricted, an offline CPU
     "32amd64-4s2n4c-cgroup2",  # cgroup allows only 0-5
     "offline-cpu0-node0",  # CPUs in no NUMA node

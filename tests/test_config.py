@@ -122,40 +122,142 @@ def test_values_are_typed_and_defaults_fill_the_rest() -> None:
 # --------------------------------------------------------------------------------------
 
 BAD = [
-    pytest.param('[guard]\ncooldown_s = "soon"', 'x.toml: guard.cooldown_s: expected a number >= 0, got "soon"', id="type"),
-    pytest.param("[guard]\ncooldown_s = -1", "x.toml: guard.cooldown_s: expected a number >= 0, got -1", id="range"),
-    pytest.param("[guard]\nhold_ticks = 0", "x.toml: guard.hold_ticks: expected an integer >= 1, got 0", id="int-range"),
-    pytest.param("[guard]\nhold_ticks = 2.5", "x.toml: guard.hold_ticks: expected an integer >= 1, got 2.5", id="int-type"),
-    pytest.param("[controller]\ninterval_s = 0", "x.toml: controller.interval_s: expected a number > 0, got 0", id="exclusive"),
-    pytest.param("[controller]\ninterval_s = inf", "x.toml: controller.interval_s: expected a number > 0, got inf", id="inf"),
-    pytest.param("[controller]\ndry_run = 1", "x.toml: controller.dry_run: expected true or false, got 1", id="bool"),
-    pytest.param("[verify]\nwindow_ticks = true", "x.toml: verify.window_ticks: expected an integer >= 1, got true", id="bool-is-not-int"),
-    pytest.param("[guard]\ncooldwn_s = 1", "x.toml: guard.cooldwn_s: unknown key (did you mean cooldown_s?)", id="unknown-key"),
+    pytest.param(
+        '[guard]\ncooldown_s = "soon"',
+        'x.toml: guard.cooldown_s: expected a number >= 0, got "soon"',
+        id="type",
+    ),
+    pytest.param(
+        "[guard]\ncooldown_s = -1", "x.toml: guard.cooldown_s: expected a number >= 0, got -1", id="range"
+    ),
+    pytest.param(
+        "[guard]\nhold_ticks = 0", "x.toml: guard.hold_ticks: expected an integer >= 1, got 0", id="int-range"
+    ),
+    pytest.param(
+        "[guard]\nhold_ticks = 2.5",
+        "x.toml: guard.hold_ticks: expected an integer >= 1, got 2.5",
+        id="int-type",
+    ),
+    pytest.param(
+        "[controller]\ninterval_s = 0",
+        "x.toml: controller.interval_s: expected a number > 0, got 0",
+        id="exclusive",
+    ),
+    pytest.param(
+        "[controller]\ninterval_s = inf",
+        "x.toml: controller.interval_s: expected a number > 0, got inf",
+        id="inf",
+    ),
+    pytest.param(
+        "[controller]\ndry_run = 1", "x.toml: controller.dry_run: expected true or false, got 1", id="bool"
+    ),
+    pytest.param(
+        "[verify]\nwindow_ticks = true",
+        "x.toml: verify.window_ticks: expected an integer >= 1, got true",
+        id="bool-is-not-int",
+    ),
+    pytest.param(
+        "[guard]\ncooldwn_s = 1",
+        "x.toml: guard.cooldwn_s: unknown key (did you mean cooldown_s?)",
+        id="unknown-key",
+    ),
     pytest.param("[gaurd]\n", "x.toml: gaurd: unknown section (did you mean guard?)", id="unknown-section"),
     pytest.param("guard = 5", "x.toml: guard: expected a table ([guard]), got 5", id="section-not-table"),
-    pytest.param('[driver]\nname = "xen"', 'x.toml: driver.name: expected one of "auto", "libvirt", "qemu", "sim", got "xen"', id="choice"),
-    pytest.param('[driver.qmp]\nweb1 = "relative.sock"', 'x.toml: driver.qmp.web1: expected an absolute path, got "relative.sock"', id="qmp-path"),
-    pytest.param('[host]\nreserved = "3-1"', 'x.toml: host.reserved: expected a cpulist such as "0-1,8", got "3-1"', id="cpulist"),
-    pytest.param('[host]\nsysfs_root = "sys"', 'x.toml: host.sysfs_root: expected an absolute path, got "sys"', id="path"),
-    pytest.param('[metrics]\naddress = "localhost"', 'x.toml: metrics.address: expected HOST:PORT, an IPv6 host in brackets ([::1]:PORT), got "localhost"', id="address"),
-    pytest.param('[daemon]\nlog_format = "json"', 'x.toml: daemon.log_format: expected one of "journald", "plain", got "json"', id="log-format"),
-    pytest.param('[[pinnability.vm]]\nname = "a"\n[[pinnability.vm]]\nname = "a"', 'x.toml: pinnability.vm[1].name: "a" is already configured by pinnability.vm[0]', id="duplicate-name"),
     pytest.param(
-        '[[pinnability.vm]]\nuuid = "6c0b1d63-3a53-4f3b-9c5e-0f5f2c3e8a10"\n[[pinnability.vm]]\nuuid = "6C0B1D63-3A53-4F3B-9C5E-0F5F2C3E8A10"',
-        'x.toml: pinnability.vm[1].uuid: "6c0b1d63-3a53-4f3b-9c5e-0f5f2c3e8a10" is already configured by pinnability.vm[0]',
+        '[driver]\nname = "xen"',
+        'x.toml: driver.name: expected one of "auto", "libvirt", "qemu", "sim", got "xen"',
+        id="choice",
+    ),
+    pytest.param(
+        '[driver.qmp]\nweb1 = "relative.sock"',
+        'x.toml: driver.qmp.web1: expected an absolute path, got "relative.sock"',
+        id="qmp-path",
+    ),
+    pytest.param(
+        '[host]\nreserved = "3-1"',
+        'x.toml: host.reserved: expected a cpulist such as "0-1,8", got "3-1"',
+        id="cpulist",
+    ),
+    pytest.param(
+        '[host]\nsysfs_root = "sys"',
+        'x.toml: host.sysfs_root: expected an absolute path, got "sys"',
+        id="path",
+    ),
+    pytest.param(
+        '[metrics]\naddress = "localhost"',
+        'x.toml: metrics.address: expected HOST:PORT, an IPv6 host in brackets ([::1]:PORT), got "localhost"',
+        id="address",
+    ),
+    pytest.param(
+        '[daemon]\nlog_format = "json"',
+        'x.toml: daemon.log_format: expected one of "journald", "plain", got "json"',
+        id="log-format",
+    ),
+    pytest.param(
+        '[[pinnability.vm]]\nname = "a"\n[[pinnability.vm]]\nname = "a"',
+        'x.toml: pinnability.vm[1].name: "a" is already configured by pinnability.vm[0]',
+        id="duplicate-name",
+    ),
+    pytest.param(
+        '[[pinnability.vm]]\nuuid = "6c0b1d63-3a53-4f3b-9c5e-0f5f2c3e8a10"\n'
+        '[[pinnability.vm]]\nuuid = "6C0B1D63-3A53-4F3B-9C5E-0F5F2C3E8A10"',
+        'x.toml: pinnability.vm[1].uuid: "6c0b1d63-3a53-4f3b-9c5e-0f5f2c3e8a10" '
+        "is already configured by pinnability.vm[0]",
         id="duplicate-uuid-any-case",
     ),
-    pytest.param("[[pinnability.vm]]\nmode = \"off\"", "x.toml: pinnability.vm[0]: give exactly one of name or uuid", id="vm-unnamed"),
-    pytest.param('[[pinnability.vm]]\nname = "a"\nuuid = "6c0b1d63-3a53-4f3b-9c5e-0f5f2c3e8a10"', "x.toml: pinnability.vm[0]: give exactly one of name or uuid", id="vm-both"),
-    pytest.param('[[pinnability.vm]]\nname = "a"\nmode = "manual"', 'x.toml: pinnability.vm[0].mode: expected one of "auto", "off", got "manual"', id="vm-mode"),
-    pytest.param('[[pinnability.vm]]\nname = "a"\npriority = 2', "x.toml: pinnability.vm[0].priority: unknown key (known keys: latency_sensitive, mode, name, uuid, whole_cores)", id="vm-unknown"),
-    pytest.param('[[pinnability.vm]]\nuuid = "not-a-uuid"', 'x.toml: pinnability.vm[0].uuid: expected a UUID such as "6c0b1d63-3a53-4f3b-9c5e-0f5f2c3e8a10", got "not-a-uuid"', id="vm-uuid"),
-    pytest.param('[pinnability]\nvm = "db1"', 'x.toml: pinnability.vm: expected [[pinnability.vm]] tables, got "db1"', id="vm-not-array"),
-    pytest.param("[policy.options]\nwhen = 1979-05-27", "x.toml: policy.options.when: dates and times are not supported here, got 1979-05-27", id="option-date"),
-    pytest.param("[guard]\nhold_ticks = 1\nhold_ticks = 2", "x.toml: at the end of the file: invalid TOML: Cannot overwrite a value", id="duplicate-toml-key"),
-    pytest.param("[guard]\ncooldown_s = ", "x.toml: at the end of the file: invalid TOML: Invalid value", id="syntax-eof"),
-    pytest.param('[host]\nreserved = "\\q"', "x.toml: line 2, column 15: invalid TOML: Unescaped '\\' in a string", id="syntax-line-col"),
-]  # fmt: skip
+    pytest.param(
+        '[[pinnability.vm]]\nmode = "off"',
+        "x.toml: pinnability.vm[0]: give exactly one of name or uuid",
+        id="vm-unnamed",
+    ),
+    pytest.param(
+        '[[pinnability.vm]]\nname = "a"\nuuid = "6c0b1d63-3a53-4f3b-9c5e-0f5f2c3e8a10"',
+        "x.toml: pinnability.vm[0]: give exactly one of name or uuid",
+        id="vm-both",
+    ),
+    pytest.param(
+        '[[pinnability.vm]]\nname = "a"\nmode = "manual"',
+        'x.toml: pinnability.vm[0].mode: expected one of "auto", "off", got "manual"',
+        id="vm-mode",
+    ),
+    pytest.param(
+        '[[pinnability.vm]]\nname = "a"\npriority = 2',
+        "x.toml: pinnability.vm[0].priority: unknown key "
+        "(known keys: latency_sensitive, mode, name, uuid, whole_cores)",
+        id="vm-unknown",
+    ),
+    pytest.param(
+        '[[pinnability.vm]]\nuuid = "not-a-uuid"',
+        "x.toml: pinnability.vm[0].uuid: expected a UUID such as "
+        '"6c0b1d63-3a53-4f3b-9c5e-0f5f2c3e8a10", got "not-a-uuid"',
+        id="vm-uuid",
+    ),
+    pytest.param(
+        '[pinnability]\nvm = "db1"',
+        'x.toml: pinnability.vm: expected [[pinnability.vm]] tables, got "db1"',
+        id="vm-not-array",
+    ),
+    pytest.param(
+        "[policy.options]\nwhen = 1979-05-27",
+        "x.toml: policy.options.when: dates and times are not supported here, got 1979-05-27",
+        id="option-date",
+    ),
+    pytest.param(
+        "[guard]\nhold_ticks = 1\nhold_ticks = 2",
+        "x.toml: at the end of the file: invalid TOML: Cannot overwrite a value",
+        id="duplicate-toml-key",
+    ),
+    pytest.param(
+        "[guard]\ncooldown_s = ",
+        "x.toml: at the end of the file: invalid TOML: Invalid value",
+        id="syntax-eof",
+    ),
+    pytest.param(
+        '[host]\nreserved = "\\q"',
+        "x.toml: line 2, column 15: invalid TOML: Unescaped '\\' in a string",
+        id="syntax-line-col",
+    ),
+]
 
 
 @pytest.mark.parametrize(("text", "message"), BAD)

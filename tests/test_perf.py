@@ -104,6 +104,14 @@ def worker() -> Iterator[Worker]:
         w.stop()
 
 
+def _naps(count: int) -> Callable[[], None]:
+    def step() -> None:
+        for _ in range(count):
+            time.sleep(0.002)
+
+    return step
+
+
 def _spin(cpu_s: float, out: dict[str, float]) -> Callable[[], None]:
     def step() -> None:
         t0 = time.thread_time()
@@ -190,7 +198,7 @@ def test_context_switches_rise_when_a_thread_sleeps_and_wakes() -> None:
     perf = PerfCollector(SOFTWARE)
     with worker() as w:
         before = perf.sample([w.ref])[w.tid].values[CONTEXT_SWITCHES]
-        w.run(lambda: [time.sleep(0.002) for _ in range(20)] and None)
+        w.run(_naps(20))
         after = perf.sample([w.ref])[w.tid].values[CONTEXT_SWITCHES]
     perf.close()
     assert after - before >= 20
@@ -276,7 +284,8 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 perf = PerfCollector({TASK_CLOCK: "task-clock", CONTEXT_SWITCHES: "context-switches"})
 got = perf.sample([ThreadRef(("vm", i), os.getpid(), t) for i, t in enumerate(tids)])
 short = [t for t in tids if not got[t].values]
-print(json.dumps({"limit": limit, "unmonitored": perf.unmonitored, "note": perf.capabilities().get(FD_LIMIT_KEY),
+note = perf.capabilities().get(FD_LIMIT_KEY)
+print(json.dumps({"limit": limit, "unmonitored": perf.unmonitored, "note": note,
                   "monitored": sum(1 for t in tids if got[t].values),
                   "short_reason": got[short[0]].missing.get(TASK_CLOCK) if short else None}))
 stop.set()
@@ -285,13 +294,20 @@ stop.set()
 
 def test_fd_exhaustion_reports_how_many_threads_are_unmonitored() -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", EMFILE_SCRIPT], capture_output=True, text=True, timeout=60, cwd=REPO
+        [sys.executable, "-c", EMFILE_SCRIPT],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["unmonitored"] > 0
     assert out["monitored"] + out["unmonitored"] == 20
-    assert f"RLIMIT_NOFILE={out['limit']} reached; {out['unmonitored']} of 20 threads unmonitored" in out["note"]
+    assert (
+        f"RLIMIT_NOFILE={out['limit']} reached; {out['unmonitored']} of 20 threads unmonitored" in out["note"]
+    )
     assert out["short_reason"] == out["note"]
     assert FD_LIMIT_KEY == "perf_fd_limit"
 
@@ -303,7 +319,9 @@ def test_nofile_soft_limit_is_raised_to_the_hard_one() -> None:
         "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
         "print(raise_nofile_limit() == (hard, hard), resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60, cwd=REPO
+    )
     assert proc.stdout.split() == ["True", "True"], proc.stderr
 
 

@@ -82,7 +82,9 @@ def _fake_entry_points(*eps: EntryPoint) -> object:
     return entry_points
 
 
-def test_broken_plugin_is_a_warning_naming_it(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_broken_plugin_is_a_warning_naming_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     broken = EntryPoint("broken-one", "no_such_module_for_adaptive_pin:Policy", registry.ENTRY_POINT_GROUP)
     shadow = EntryPoint("pack", "policies.none:NonePolicy", registry.ENTRY_POINT_GROUP)
     fine = EntryPoint("quiet", "policies.none:NonePolicy", registry.ENTRY_POINT_GROUP)
@@ -104,8 +106,19 @@ def _install(target: Path) -> None:
     build one) lay out what pip would: the package plus a .dist-info with its entry points."""
     if importlib.util.find_spec("wheel") is not None:
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-             "--no-index", "--target", str(target), str(PLUGIN_DIR)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                "--target",
+                str(target),
+                str(PLUGIN_DIR),
+            ],
             check=True,
             capture_output=True,
         )
@@ -114,7 +127,9 @@ def _install(target: Path) -> None:
     shutil.copytree(PLUGIN_DIR / "example_policy", target / "example_policy")
     info = target / f"{meta['name'].replace('-', '_')}-{meta['version']}.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {meta['name']}\nVersion: {meta['version']}\n")
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {meta['name']}\nVersion: {meta['version']}\n"
+    )
     eps = meta["entry-points"][registry.ENTRY_POINT_GROUP]
     lines = [f"[{registry.ENTRY_POINT_GROUP}]", *(f"{k} = {v}" for k, v in eps.items())]
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n")

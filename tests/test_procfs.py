@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from collectors.procfs import (
     parse_stat,
     parse_status_ctxsw,
 )
-from tests.test_perf import Worker, _fd_count, _spin, worker
+from tests.test_perf import Worker, _fd_count, _naps, _spin, worker
 
 
 def _stat_line(comm: str, utime: int = 7, stime: int = 3, cpu: int = 1) -> bytes:
@@ -52,7 +51,7 @@ def test_real_thread_cpu_time_run_delay_and_last_cpu() -> None:
     with worker() as w:
         before = procfs.sample([w.ref])[w.tid]
         w.run(_spin(0.2, burned))
-        w.run(lambda: [time.sleep(0.002) for _ in range(10)] and None)
+        w.run(_naps(10))
         after = procfs.sample([w.ref])[w.tid]
     procfs.close()
     assert after.values[CPU_TIME] - before.values[CPU_TIME] == pytest.approx(burned["burned"], rel=0.05)

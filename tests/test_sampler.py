@@ -58,7 +58,7 @@ class Broken(Scripted):
         raise RuntimeError("boom")
 
 
-def tc(tid: int, t: float, missing: Mapping[str, str] | None = None, **values: float) -> ThreadCounters:
+def tc(tid: int, t: float, missing: Mapping[str, str] | None = None, /, **values: float) -> ThreadCounters:
     names = {"llc": LLC_MISSES, "ins": INSTRUCTIONS, "cyc": CYCLES, "cpu": CPU_TIME, "delay": RUN_DELAY}
     return ThreadCounters(tid, t, {names.get(k, k): v for k, v in values.items()}, missing or {}, last_cpu=1)
 
@@ -96,7 +96,13 @@ def test_exact_rates_after_one_interval_and_warming_up_before() -> None:
     assert r.utilization == pytest.approx(0.5)
     assert r.run_delay == pytest.approx(0.1)
     assert r.last_cpu == 1 and r.missing == {}
-    assert r.totals == {LLC_MISSES: 4000, INSTRUCTIONS: 2_000_000, CYCLES: 4_000_000, CPU_TIME: 1.0, RUN_DELAY: 0.2}
+    assert r.totals == {
+        LLC_MISSES: 4000,
+        INSTRUCTIONS: 2_000_000,
+        CYCLES: 4_000_000,
+        CPU_TIME: 1.0,
+        RUN_DELAY: 0.2,
+    }
 
 
 def test_ewma_follows_the_half_life_in_seconds() -> None:
@@ -141,7 +147,7 @@ def test_reset_before_any_rate_says_so() -> None:
 def test_new_thread_id_restarts_history_but_not_totals() -> None:
     script = {7: [tc(7, 0, llc=0), tc(7, 1, llc=100)], 8: [tc(8, 2, llc=5000), tc(8, 3, llc=5050)]}
     s = Sampler([Scripted("fake", script)], half_life_s=0)
-    a, b = run(s, guest(7), 2)
+    _, b = run(s, guest(7), 2)
     c, d = run(s, guest(8), 2)
     assert b.rates[("g", 0)].llc_misses_per_s == pytest.approx(100.0)
     churned = c.rates[("g", 0)]

@@ -61,7 +61,9 @@ def test_a_thread_alone_reproduces_its_curve_at_the_full_llc(name: str, mib: int
 def test_curve_is_interpolated_in_log_size_and_clamped_at_the_ends() -> None:
     sort = CURVES["sort"]
     # Halfway between 4 and 8 MiB in log2 is sqrt(32) MiB: the mean of the two measurements.
-    assert sort.mpki_at(np.sqrt(32) * MIB) == pytest.approx((sort.mpki_at(4 * MIB) + sort.mpki_at(8 * MIB)) / 2)
+    assert sort.mpki_at(np.sqrt(32) * MIB) == pytest.approx(
+        (sort.mpki_at(4 * MIB) + sort.mpki_at(8 * MIB)) / 2
+    )
     assert sort.mpki_at(0.25 * MIB) == sort.mpki_at(1 * MIB)  # below: the private-L2-sized point
     assert sort.mpki_at(512 * MIB) == sort.mpki_at(64 * MIB)  # above: the compulsory floor
 

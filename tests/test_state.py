@@ -116,6 +116,10 @@ def test_crash_between_write_and_rename_keeps_the_old_file(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
 
 
+def _doc(**changes: Any) -> bytes:
+    return json.dumps({**_valid_doc(), **changes}).encode()
+
+
 def _valid_doc() -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -129,18 +133,20 @@ UNTRUSTED = [
     pytest.param(b"", "not JSON", id="empty"),
     pytest.param(b"\x00\xff garbage", "not JSON", id="binary"),
     pytest.param(b"[1, 2]", "file: not an object", id="not-object"),
-    pytest.param(json.dumps({**_valid_doc(), "format": "other-tool"}).encode(), "format is 'other-tool'", id="foreign"),
-    pytest.param(json.dumps({**_valid_doc(), "host_id": "elsewhere"}).encode(), "written by host 'elsewhere'", id="other-host"),
-    pytest.param(json.dumps({**_valid_doc(), "version": VERSION + 1}).encode(), "newer than this adaptive-pin reads", id="newer"),
-    pytest.param(json.dumps({**_valid_doc(), "version": "1"}).encode(), "not a version number", id="version-type"),
-    pytest.param(json.dumps({**_valid_doc(), "original_affinity": {"uuid-a": {"0": "3-1"}}}).encode(), "original_affinity.uuid-a.0", id="bad-cpulist"),
-    pytest.param(json.dumps({**_valid_doc(), "original_affinity": {"uuid-a": {"x": "1"}}}).encode(), "vCPU index 'x'", id="bad-vcpu"),
-    pytest.param(json.dumps({**_valid_doc(), "guard": {"nokey": {}}}).encode(), "is not <guest>/<vcpu>", id="bad-guard-key"),
-    pytest.param(json.dumps({**_valid_doc(), "guard": {"a/0": {"last_moved": "soon"}}}).encode(), "not a time", id="bad-guard-time"),
-    pytest.param(json.dumps({**_valid_doc(), "bad_placements": {"a/0": 5}}).encode(), "is not <guest>/<vcpu>|<cpulist>", id="bad-placement"),
-    pytest.param(json.dumps({**_valid_doc(), "saved_at": float("nan")}).encode(), "NaN is not JSON", id="nan"),
+    pytest.param(_doc(format="other-tool"), "format is 'other-tool'", id="foreign"),
+    pytest.param(_doc(host_id="elsewhere"), "written by host 'elsewhere'", id="other-host"),
+    pytest.param(_doc(version=VERSION + 1), "newer than this adaptive-pin reads", id="newer"),
+    pytest.param(_doc(version="1"), "not a version number", id="version-type"),
+    pytest.param(
+        _doc(original_affinity={"uuid-a": {"0": "3-1"}}), "original_affinity.uuid-a.0", id="bad-cpulist"
+    ),
+    pytest.param(_doc(original_affinity={"uuid-a": {"x": "1"}}), "vCPU index 'x'", id="bad-vcpu"),
+    pytest.param(_doc(guard={"nokey": {}}), "is not <guest>/<vcpu>", id="bad-guard-key"),
+    pytest.param(_doc(guard={"a/0": {"last_moved": "soon"}}), "not a time", id="bad-guard-time"),
+    pytest.param(_doc(bad_placements={"a/0": 5}), "is not <guest>/<vcpu>|<cpulist>", id="bad-placement"),
+    pytest.param(_doc(saved_at=float("nan")), "NaN is not JSON", id="nan"),
     pytest.param(b"[" * 100_000, "nested too deeply", id="deep"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("content", "why"), UNTRUSTED)
@@ -240,14 +246,15 @@ def test_restore_drops_what_does_not_apply() -> None:
     assert ctl.original_affinity == dict(same_boot.original_affinity)
 
 
-def test_move_aside_failure_still_distrusts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root ignores directory permissions")
+def test_move_aside_failure_still_distrusts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(src: object, dst: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "rename", refuse)
     path = tmp_path / "state.json"
     path.write_bytes(b"junk")
-    tmp_path.chmod(0o500)
-    try:
-        assert load_state(path, HOST) is None
-    finally:
-        tmp_path.chmod(0o700)
-    assert "not moved aside" in caplog.text
+    assert load_state(path, HOST) is None
+    assert path.exists()
+    assert "not moved aside: Permission denied" in caplog.text

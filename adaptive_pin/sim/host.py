@@ -176,6 +176,7 @@ class SimHost:
         self._knot_cache: dict[tuple[int, int], tuple[FloatArray, FloatArray]] = {}
         self._agenda = self._build_agenda()
         self._check_specs()
+        self._apply_agenda()  # VMs present at t=0 are in the first inventory
 
     # --- construction --------------------------------------------------------------------
     def _domains(self) -> None:

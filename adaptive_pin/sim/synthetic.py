@@ -19,7 +19,7 @@ def synthetic_topology(
     threads_per_core: int = 1,
     llc_mib: float = 16.0,
     remote_distance: int = 21,
-    reserved: CpuSet = CpuSet(),  # noqa: B008 - immutable
+    reserved: CpuSet = CpuSet(),
 ) -> Topology:
     n_cores = packages * llc_per_package * cores_per_llc
     n_pus = n_cores * threads_per_core

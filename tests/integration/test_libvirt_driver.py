@@ -112,7 +112,9 @@ def test_opted_out_vm_is_never_pinned_even_with_a_stale_guest(driver: Any, make_
     before = cpus_allowed(g_on.pid, g_on.vcpu(0).tid)
     import libvirt
 
-    on.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, OFF, PREFIX, NAMESPACE, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    on.setMetadata(
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT, OFF, PREFIX, NAMESPACE, libvirt.VIR_DOMAIN_AFFECT_LIVE
+    )
     ev = _wait_event(driver, EventKind.CHANGED, on.UUIDString())
     assert ev.name == on.name()
     with pytest.raises(PinError, match="metadata: mode off"):
@@ -135,8 +137,11 @@ def test_start_and_stop_events_within_a_second(driver: Any, make_domains: Any) -
     destroy_returned = time.monotonic()
     ev2 = _wait_event(driver, EventKind.STOPPED, dom.UUIDString())
     stop_lag = ev2.time - destroy_returned
-    print(f"\nlibvirt events: start call {started_returned - t0:.3f}s, started event lag {start_lag:+.4f}s; "
-          f"destroy call {destroy_returned - t1:.3f}s, stopped event lag {stop_lag:+.4f}s (bound {EVENT_BOUND_S}s)")
+    print(
+        f"\nlibvirt events: start call {started_returned - t0:.3f}s, started event lag {start_lag:+.4f}s; "
+        f"destroy call {destroy_returned - t1:.3f}s, stopped event lag {stop_lag:+.4f}s "
+        f"(bound {EVENT_BOUND_S}s)"
+    )
     assert t0 <= ev.time and start_lag <= EVENT_BOUND_S
     assert t1 <= ev2.time and stop_lag <= EVENT_BOUND_S
 
@@ -189,8 +194,9 @@ def test_reconnects_after_libvirtd_drops_the_connection(driver: Any, make_domain
         ours = _admin_clients("libvirtd") - before
         assert len(ours) == 1, f"cannot tell the driver's connection apart: {ours}"
         d.inventory()
-        subprocess.run(["virt-admin", "client-disconnect", "libvirtd", ours.pop()], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["virt-admin", "client-disconnect", "libvirtd", ours.pop()], check=True, capture_output=True
+        )
         wait_for(lambda: not d.connected, 10, "the close callback")
         # First call after the loss reconnects at once (libvirtd is up), events flow again.
         d.inventory()

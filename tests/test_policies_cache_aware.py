@@ -1,0 +1,197 @@
+"""What the cache-aware policy does, scenario by scenario, on a 2-LLC SMT host.
+
+make_topology(): one package, LLC 0 = cores 0-3 (CPUs 0-3, 8-11), LLC 1 = cores 4-7
+(CPUs 4-7, 12-15), SMT siblings c and c+8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from adaptive_pin.model import CpuSet, Guest, Plan, Snapshot, VCpuKey, VCpuRates
+from policies.cache_aware import CacheAwarePolicy
+from tests.policy_helpers import apply_plan, guest, llc_of, make_topology, rates, snapshot
+
+TOPO = make_topology()
+LLC0, LLC1 = TOPO.llc[0].cpus, TOPO.llc[1].cpus
+HUNGRY = 4e7  # misses/s: a streaming vCPU
+QUIET = 2e5
+
+
+def vm(gid: str, cpus: Sequence[CpuSet], **kw: object) -> Guest:
+    return guest(gid, list(cpus), **kw)  # type: ignore[arg-type]
+
+
+def load(guests: Sequence[Guest], spec: Mapping[str, tuple[float, float | None]]) -> dict[VCpuKey, VCpuRates]:
+    """(utilization, misses/s) per guest id, the same for each of its vCPUs."""
+    return {
+        (g.id, v.index): rates(spec[g.id][0], spec[g.id][1], v.last_cpu)
+        for g in guests
+        for v in g.vcpus
+    }
+
+
+def settle(policy: CacheAwarePolicy, snap: Snapshot, ticks: int = 8) -> tuple[Snapshot, object, list[Plan]]:
+    """Apply every plan until one is empty; the final snapshot, state and the plans seen."""
+    state = policy.initial_state()
+    plans = []
+    for _ in range(ticks):
+        plan, state = policy.decide(snap, state)
+        plans.append(plan)
+        if not plan.moves:
+            break
+        snap = apply_plan(snap, plan)
+    return snap, state, plans
+
+
+def llcs(snap: Snapshot, gid: str) -> set[int]:
+    return {i for v in snap.guest(gid).vcpus for i in llc_of(TOPO, v.affinity)}
+
+
+def test_two_hungry_vms_in_one_llc_are_separated() -> None:
+    guests = [vm("a", [LLC0] * 2), vm("b", [LLC0] * 2), vm("q", [LLC1] * 2)]
+    snap = snapshot(TOPO, guests, load(guests, {"a": (1.0, HUNGRY), "b": (1.0, HUNGRY), "q": (0.3, QUIET)}))
+    policy = CacheAwarePolicy()
+    first, _ = policy.decide(snap, policy.initial_state())
+    assert first.moves, first.notes
+    assert all(m.kind == "rebalance" and m.predicted_gain > 0 for m in first.moves)
+    assert any("LLC domains under pressure: 0" in n for n in first.notes)
+
+    final, _, plans = settle(policy, snap)
+    assert not plans[-1].moves, "did not settle"
+    assert len(llcs(final, "a")) == 1 and len(llcs(final, "b")) == 1, "a VM was left split"
+    assert llcs(final, "a") != llcs(final, "b"), "the two hungry VMs still share an LLC"
+    assert final.guest("q").vcpus == snap.guest("q").vcpus or llcs(final, "q") != llcs(final, "a") & llcs(
+        final, "b"
+    )
+
+
+def test_hungry_vm_is_paired_with_a_quiet_one_not_another_hungry_one() -> None:
+    floating = [TOPO.online] * 2
+    guests = [vm("h1", floating), vm("h2", floating), vm("q1", floating), vm("q2", floating)]
+    spec = {"h1": (1.0, HUNGRY), "h2": (1.0, HUNGRY), "q1": (1.0, QUIET), "q2": (1.0, QUIET)}
+    final, _, _ = settle(CacheAwarePolicy(), snapshot(TOPO, guests, load(guests, spec)))
+    assert llcs(final, "h1") != llcs(final, "h2")
+    for gid in spec:
+        assert len(llcs(final, gid)) == 1
+
+
+def test_split_vm_is_pulled_together_where_there_is_room() -> None:
+    split = [LLC0, LLC0, LLC1, LLC1]
+    guests = [vm("a", split)]
+    snap = snapshot(TOPO, guests, load(guests, {"a": (0.8, 5e6)}))
+    final, _, plans = settle(CacheAwarePolicy(), snap)
+    assert len(llcs(final, "a")) == 1
+    assert {m.kind for p in plans for m in p.moves} == {"cohesion"}
+
+
+def test_split_vm_goes_to_the_domain_with_headroom() -> None:
+    # LLC 0 is busy with six busy vCPUs of another VM: pulling into LLC 0 would time-share.
+    guests = [vm("busy", [LLC0] * 6), vm("a", [LLC0, LLC1, LLC1, LLC1])]
+    snap = snapshot(TOPO, guests, load(guests, {"busy": (1.0, QUIET), "a": (0.9, 5e6)}))
+    final, _, _ = settle(CacheAwarePolicy(), snap)
+    assert llcs(final, "a") == {1}
+    assert llcs(final, "busy") == {0}
+
+
+def test_settled_host_stays_put() -> None:
+    guests = [vm("a", [LLC0] * 2), vm("b", [LLC0] * 2)]
+    snap = snapshot(TOPO, guests, load(guests, {"a": (1.0, HUNGRY), "b": (1.0, HUNGRY)}))
+    policy = CacheAwarePolicy()
+    final, state, _ = settle(policy, snap)
+    for tick in range(4):
+        plan, state = policy.decide(final, state)
+        assert plan.moves == (), f"tick {tick}: {plan.moves}"
+        final = apply_plan(final, plan)
+
+
+def test_hysteresis_keeps_a_domain_active_between_exit_and_enter() -> None:
+    guests = [vm("a", [LLC0] * 2), vm("b", [LLC0] * 2)]
+    snap = snapshot(TOPO, guests, load(guests, {"a": (1.0, HUNGRY), "b": (1.0, HUNGRY)}))
+    # The domain's pressure is well below enter=50 but above exit=1e-6.
+    policy = CacheAwarePolicy(enter=50.0, exit=1e-6)
+    cold, cold_state = policy.decide(snap, policy.initial_state())
+    assert cold.moves == () and cold_state == {"version": 1, "granularity": "llc", "active": []}
+    warm, warm_state = policy.decide(snap, {"version": 1, "granularity": "llc", "active": [0]})
+    assert warm.moves, "an active domain below enter but above exit must still be relieved"
+    assert warm_state == {"version": 1, "granularity": "llc", "active": [0]}
+    # A state written at another granularity is not trusted.
+    other, _ = policy.decide(snap, {"version": 1, "granularity": "pu", "active": [0]})
+    assert other.moves == ()
+
+
+def test_without_pmu_it_decides_on_cpu_time_and_says_so() -> None:
+    guests = [vm("a", [LLC0] * 2), vm("b", [LLC0] * 2), vm("idle1", [LLC1] * 2), vm("idle2", [LLC1] * 2)]
+    spec = {"a": (1.0, None), "b": (1.0, None), "idle1": (0.02, None), "idle2": (0.02, None)}
+    snap = snapshot(TOPO, guests, load(guests, spec), pmu=False)
+    policy = CacheAwarePolicy()
+    plan, _ = policy.decide(snap, policy.initial_state())
+    assert any("no PMU" in n and "CPU time" in n for n in plan.notes), plan.notes
+    assert {m.guest_id for m in plan.moves} <= {"a", "b"}, "only the busy VMs are worth moving"
+    final, _, _ = settle(policy, snap)
+    assert llcs(final, "a") != llcs(final, "b")
+
+    # The same placement with the two VMs nearly idle: nothing worth doing.
+    quiet = {**spec, "a": (0.02, None), "b": (0.02, None)}
+    calm, _ = policy.decide(snapshot(TOPO, guests, load(guests, quiet), pmu=False), policy.initial_state())
+    assert calm.moves == ()
+
+
+def test_whole_cores_vm_gets_whole_cores_to_itself() -> None:
+    guests = [vm("w", [TOPO.online] * 4, whole_cores=True), vm("x", [TOPO.online] * 4)]
+    snap = snapshot(TOPO, guests, load(guests, {"w": (1.0, 1e7), "x": (1.0, 1e7)}))
+    final, _, _ = settle(CacheAwarePolicy(), snap)
+    w = final.guest("w")
+    cores = {v.affinity for v in w.vcpus}
+    assert len(cores) == 2
+    for core in cores:
+        assert core in TOPO.cores, f"{core} is not a whole core"
+        assert sum(v.affinity == core for v in w.vcpus) == 2
+    held = CpuSet().union(*cores) if hasattr(CpuSet, "union") else cores.pop() | cores.pop()
+    for v in final.guest("x").vcpus:
+        assert v.affinity.isdisjoint(held), "another VM may run on the whole cores"
+
+
+def test_vm_is_placed_near_its_memory() -> None:
+    topo = make_topology(packages=2, llcs_per_package=1)
+    g = guest("a", [topo.online] * 2, memory_nodes=CpuSet.of(1))
+    snap = snapshot(topo, [g], {("a", i): rates(1.0, 2e7, 0) for i in range(2)})
+    plan, _ = CacheAwarePolicy().decide(snap, None)
+    assert plan.moves
+    for m in plan.moves:
+        assert m.to_cpus <= topo.numa_nodes[1].cpus
+
+
+def test_rolled_back_placement_is_not_proposed_again() -> None:
+    guests = [vm("a", [LLC0] * 2), vm("b", [LLC0] * 2)]
+    spec = {"a": (1.0, HUNGRY), "b": (1.0, HUNGRY)}
+    policy = CacheAwarePolicy()
+    plain = snapshot(TOPO, guests, load(guests, spec))
+    plan, _ = policy.decide(plain, policy.initial_state())
+    bad = frozenset((m.key, m.to_cpus) for m in plan.moves)
+    assert bad
+    again, _ = policy.decide(snapshot(TOPO, guests, load(guests, spec), bad=bad), policy.initial_state())
+    assert not {(m.key, m.to_cpus) for m in again.moves} & bad
+
+
+def test_pu_granularity_gives_busy_vcpus_their_own_cores() -> None:
+    topo = make_topology(llcs_per_package=1, cores_per_llc=4)
+    guests = [guest("a", [topo.online] * 2), guest("b", [topo.online] * 2)]
+    r = {(g.id, v.index): rates(1.0, 1e7, None) for g in guests for v in g.vcpus}
+    snap = snapshot(topo, guests, r)
+    final, _, _ = settle(CacheAwarePolicy(granularity="pu"), snap)
+    placed = [v.affinity for g in final.guests for v in g.vcpus]
+    assert all(len(cpus) == 1 for cpus in placed)
+    cores = [topo.smt_siblings(cpus.first()) for cpus in placed]
+    assert len(set(cores)) == 4, "two busy vCPUs share a core while another core is idle"
+
+
+def test_predicted_gain_is_in_vcpu_equivalents() -> None:
+    # Two streaming VMs sharing LLC 0 lose, by the model, 2 * t * m * F / M per vCPU.
+    guests = [vm("a", [LLC0]), vm("b", [LLC0])]
+    snap = snapshot(TOPO, guests, load(guests, {"a": (1.0, HUNGRY), "b": (1.0, HUNGRY)}))
+    policy = CacheAwarePolicy()
+    plan, _ = policy.decide(snap, policy.initial_state())
+    assert len(plan.moves) == 1
+    expected = 2 * 15e-9 * HUNGRY * HUNGRY / 1e8  # 8 MiB LLC: M = 1e8 misses/s
+    assert abs(plan.moves[0].predicted_gain - expected) < 1e-9
