@@ -45,6 +45,10 @@ class CpuSet:
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("CpuSet is immutable")
 
+    def __reduce__(self) -> tuple[type[CpuSet], tuple[tuple[int, ...]]]:
+        # pickle/copy rebuild through __init__: the default path would hit __setattr__.
+        return (CpuSet, (tuple(sorted(self._cpus)),))
+
     # --- parsing -------------------------------------------------------------
     @classmethod
     def parse(cls, text: str) -> CpuSet:

@@ -283,6 +283,15 @@ class _World:
             self._aff_cache[aff] = cached
         return cached
 
+    def _confined(self, aff: CpuSet) -> bool:
+        """Whether an affinity inside one domain is also inside one unit of the granularity."""
+        inside = [c for c in aff if c in self.usable]
+        if self.gran == "pu":
+            return len(inside) == 1
+        if self.gran == "core":
+            return len({int(self.pu_core[self.pos_of[c]]) for c in inside}) == 1
+        return True
+
     def _build_rows(self) -> None:
         s = self.s
         for gi, guest in enumerate(self.guests):
@@ -295,6 +304,8 @@ class _World:
                 measured = miss is not None
                 m = float(miss) if miss is not None else (u or 0.0) * self.p.assumed
                 aff_dom, weights = self._affinity_domain(v.affinity)
+                if aff_dom >= 0 and not self._confined(v.affinity):
+                    aff_dom = -1  # wider than one unit of the granularity: not placed yet
                 lc = last_cpu(s, guest, v)
                 lc_pos = self.pos_of[lc] if lc is not None else -1
                 if aff_dom >= 0:
@@ -649,15 +660,20 @@ class _World:
 
     # ------------------------------------------------------------------ 2. rebalance
     def _pressure(self) -> FloatArray:
-        """Per domain: lost vCPU-equivalents of its vCPUs per unit of their demand (floor 0.05 each)."""
+        """Per domain: the largest share of its demand any one VM loses there (vCPU-eq. per CPU).
+
+        Per VM, not pooled: a small VM split in two must not be drowned by a big quiet neighbour.
+        """
         rows = [r for r in self.rows if r.dom >= 0]
         if not rows:
             return np.zeros(self.D)
         cost = self._own_costs(rows)
-        doms = np.fromiter((r.dom for r in rows), dtype=np.int64, count=len(rows))
-        demand = np.bincount(doms, weights=[max(r.u, 0.05) for r in rows], minlength=self.D)
-        lost = np.bincount(doms, weights=cost, minlength=self.D)
-        pressure: FloatArray = lost / np.maximum(demand, 1e-9)
+        cell = np.fromiter((r.gi * self.D + r.dom for r in rows), dtype=np.int64, count=len(rows))
+        size = self.G * self.D
+        demand = np.bincount(cell, weights=[max(r.u, 0.05) for r in rows], minlength=size)
+        lost = np.bincount(cell, weights=cost, minlength=size)
+        share = (lost / np.maximum(demand, 1e-9)).reshape(self.G, self.D)
+        pressure: FloatArray = share.max(axis=0)
         return pressure
 
     def _own_costs(self, rows: Sequence[_VCpuRow]) -> FloatArray:

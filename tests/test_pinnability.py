@@ -146,8 +146,9 @@ def test_any_text_gives_a_decision_never_a_crash(text: str) -> None:
 
 
 _attr = st.sampled_from(["mode", "whole-cores", "class", "x", "MODE"])
-_val = st.sampled_from(["auto", "off", "yes", "no", "latency-sensitive", "", "&amp;", "Off"]) | st.text(
-    max_size=8
+_xml_chars = st.characters(blacklist_categories=("Cs", "Cc"))  # what an XML attribute may hold
+_val = st.sampled_from(["auto", "off", " AUTO ", "yes", "latency-sensitive", "", "Off"]) | st.text(
+    _xml_chars, max_size=8
 )
 
 
