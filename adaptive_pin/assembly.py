@@ -9,7 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from adaptive_pin.config import Config, controller_settings, pinnability_rules, validate_against
+from adaptive_pin.config import (
+    Config,
+    controller_settings,
+    pinnability_rules,
+    policy_options,
+    validate_against,
+)
 from adaptive_pin.controller import Controller
 from adaptive_pin.drivers.base import Driver, open_driver
 from adaptive_pin.errors import UsageError
@@ -47,7 +53,7 @@ def open_configured_driver(config: Config) -> tuple[Driver, str]:
 
 def assemble(config: Config, *, hide_pmu: bool = False) -> Assembly:
     """Open everything; on any failure, close what was already opened."""
-    policy = get_policy(config.policy.name, **dict(config.policy.options))
+    policy = get_policy(config.policy.name, **policy_options(config))
     driver, name = open_configured_driver(config)
     try:
         runtime = build_runtime(

@@ -748,6 +748,12 @@ def pinnability_rules(config: Config) -> Any:
     )
 
 
+def policy_options(config: Config) -> dict[str, Any]:
+    """``[policy.options]`` as plain dicts and lists, ready for ``get_policy(name, **options)``."""
+    options: dict[str, Any] = _plain(config.policy.options)
+    return options
+
+
 def metrics_listen(config: Config) -> tuple[str, int]:
     """``metrics.address`` as (host, port) for the exporter."""
     from adaptive_pin.metrics import parse_address

@@ -26,7 +26,7 @@ from typing import Any
 
 from adaptive_pin import state as statefile
 from adaptive_pin.assembly import Assembly, assemble
-from adaptive_pin.config import Config, controller_settings, load_config, metrics_listen, with_overrides
+from adaptive_pin.config import Config, controller_settings, load_config, policy_options, with_overrides
 from adaptive_pin.errors import AdaptivePinError
 from adaptive_pin.lockfile import InstanceLock
 from adaptive_pin.model import TickReport
@@ -65,7 +65,7 @@ class Daemon:
         self._reload = True
 
     def _install_signals(self) -> dict[int, Any]:
-        old = {}
+        old: dict[int, Any] = {}
         for sig, handler in (
             (signal.SIGTERM, self._on_stop),
             (signal.SIGINT, self._on_stop),
@@ -91,9 +91,8 @@ class Daemon:
                 from adaptive_pin.metrics import MetricsExporter
 
                 exporter = MetricsExporter(host_label=socket.gethostname())
-                host, port = metrics_listen(cfg)
-                server = exporter.serve(f"{host}:{port}")
-                log.info("metrics on http://%s:%d/metrics", host, port)
+                server = exporter.serve(cfg.metrics.address, flag="metrics.address")
+                log.info("metrics on http://%s/metrics", cfg.metrics.address)
             log.info(
                 "running: driver %s, policy %s, every %.3gs%s",
                 asm.driver_name,
@@ -174,7 +173,7 @@ class Daemon:
                 self.config.policy.name,
                 dict(self.config.policy.options),
             ):
-                policy = get_policy(new.policy.name, **dict(new.policy.options))
+                policy = get_policy(new.policy.name, **policy_options(new))
         except AdaptivePinError as exc:
             log.error("SIGHUP: new config refused, keeping the old one: %s", exc)
             return
@@ -263,5 +262,5 @@ def setup_logging(fmt: str, verbose: int) -> None:
 
 
 def ensure_dirs(config: Config) -> None:
-    for p in (config.daemon.state_file, config.daemon.lock_file):
-        Path(p).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    # The state file's directory is save_state's to create (0700); the lock's is public.
+    Path(config.daemon.lock_file).parent.mkdir(mode=0o755, parents=True, exist_ok=True)

@@ -1,11 +1,32 @@
-"""The Collector protocol, shared by perf_event_open, /proc and the simulator."""
+"""The Collector protocol, shared by perf_event_open, /proc and the simulator.
+
+Every collector answers :meth:`Collector.sample` (a :class:`ThreadCounters` per thread). A
+collector that reads thousands of threads a second may also answer
+:meth:`BatchCollector.sample_batch`: the same counters as one row per thread of a
+:class:`Roster`, in numpy arrays, so that no Python object is built per thread per round. The
+sampler prefers the batch path where a collector has it and converts where it has not
+(:func:`batch_from_counters`); a batch collector gets its ``sample()`` from the batch path
+(:func:`counters_from_batch`), so both paths share one implementation.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+import numpy.typing as npt
+
 from adaptive_pin.model import ThreadCounters, ThreadRef
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+NO_REASONS: Mapping[str, str] = MappingProxyType({})  # the shared "nothing missing"
+NO_CPU = -1  # Batch.last_cpu where the collector does not know it
 
 
 @runtime_checkable
@@ -27,3 +48,93 @@ class Collector(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True, eq=False)
+class Roster:
+    """The threads to sample, in a fixed row order.
+
+    The sampler hands the *same* object round after round while the inventory does not change,
+    so a collector may key its per-row state on ``roster is self._last_roster`` and rebuild it
+    only when a new roster arrives.
+    """
+
+    refs: tuple[ThreadRef, ...]
+    tids: tuple[int, ...] = field(init=False)
+    pids: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tids", tuple(r.tid for r in self.refs))
+        object.__setattr__(self, "pids", tuple(r.pid for r in self.refs))
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """One round's counters of a roster's threads: row ``i`` is ``roster.refs[i]``.
+
+    ``time[i]`` is NaN for a thread that is gone (the row says nothing); a thread that is there
+    but lacks a counter has NaN in that column and the reason in ``missing[i]`` (rows share
+    mapping objects: build each distinct one once).
+    """
+
+    columns: tuple[str, ...]
+    values: FloatArray  # (rows, len(columns)) cumulative counts in the columns' units
+    time: FloatArray  # (rows,) time.monotonic() of the read; NaN: thread gone
+    last_cpu: IntArray  # (rows,) stat field 39; NO_CPU where unknown
+    missing: Sequence[Mapping[str, str]]  # (rows,) counter -> why not given
+
+    @property
+    def seen(self) -> npt.NDArray[np.bool_]:
+        return ~np.isnan(self.time)
+
+
+@runtime_checkable
+class BatchCollector(Collector, Protocol):
+    """A collector that can also fill a whole roster's rows at once (see :class:`Batch`)."""
+
+    def sample_batch(self, roster: Roster) -> Batch:
+        """Like ``sample(roster.refs)``, as arrays. Threads not in the roster are forgotten."""
+        ...
+
+
+def batch_from_counters(roster: Roster, got: Mapping[int, ThreadCounters]) -> Batch:
+    """A per-thread answer (``Collector.sample``) as a :class:`Batch` over ``roster``."""
+    n = len(roster)
+    tcs = [got.get(tid) for tid in roster.tids]
+    columns: dict[str, int] = {}
+    for tc in tcs:
+        if tc is not None:
+            for c in tc.values:
+                columns.setdefault(c, len(columns))
+    values = np.full((n, len(columns)), math.nan)
+    when = np.full(n, math.nan)
+    last_cpu = np.full(n, NO_CPU, np.int64)
+    missing: list[Mapping[str, str]] = [NO_REASONS] * n
+    for i, tc in enumerate(tcs):
+        if tc is None:
+            continue
+        when[i] = tc.time
+        for c, v in tc.values.items():
+            values[i, columns[c]] = v
+        if tc.last_cpu is not None:
+            last_cpu[i] = tc.last_cpu
+        if tc.missing:
+            missing[i] = tc.missing
+    return Batch(tuple(columns), values, when, last_cpu, missing)
+
+
+def counters_from_batch(roster: Roster, batch: Batch) -> dict[int, ThreadCounters]:
+    """A :class:`Batch` as ``Collector.sample`` answers: one ThreadCounters per thread still there."""
+    out: dict[int, ThreadCounters] = {}
+    rows = batch.values.tolist()
+    cpus = batch.last_cpu.tolist()
+    for i, (tid, t) in enumerate(zip(roster.tids, batch.time.tolist(), strict=True)):
+        if math.isnan(t):
+            continue
+        vals = {c: v for c, v in zip(batch.columns, rows[i], strict=True) if not math.isnan(v)}
+        cpu = cpus[i]
+        out[tid] = ThreadCounters(tid, t, vals, batch.missing[i], None if cpu == NO_CPU else cpu)
+    return out

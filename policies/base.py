@@ -96,11 +96,16 @@ def rates_of(snapshot: Snapshot, guest: Guest, vcpu: VCpu) -> VCpuRates | None:
     return snapshot.rates.get((guest.id, vcpu.index))
 
 
-def last_cpu(snapshot: Snapshot, guest: Guest, vcpu: VCpu) -> int | None:
-    """Where the vCPU ran last (the collector's reading first, then the driver's), if online."""
+def last_cpu(snapshot: Snapshot, guest: Guest, vcpu: VCpu, online: CpuSet | None = None) -> int | None:
+    """Where the vCPU ran last (the collector's reading first, then the driver's), if online.
+
+    Pass ``online`` (``topology.online``) when calling in a loop: building it costs O(PUs).
+    """
     r = rates_of(snapshot, guest, vcpu)
+    if online is None:
+        online = snapshot.topology.online
     for cpu in (r.last_cpu if r else None, vcpu.last_cpu):
-        if cpu is not None and cpu in snapshot.topology.online:
+        if cpu is not None and cpu in online:
             return cpu
     return None
 

@@ -195,6 +195,7 @@ class _World:
         self.topo = topo
         self.usable = usable_cpus(snapshot)
         self.pos_of = {cpu: i for i, cpu in enumerate(topo.pus)}
+        self.online = topo.online
         npu = len(topo.pus)
         label = np.asarray(topo.pu_node if self.gran == "node" else topo.pu_llc, dtype=np.int64)
         labels, inverse = np.unique(label, return_inverse=True)
@@ -204,6 +205,7 @@ class _World:
         self.usable_mask = np.array([c in self.usable for c in topo.pus], dtype=bool)
         self.excl_owner: IntArray = np.full(npu, -1, dtype=np.int64)  # guest index holding the PU alone
         self.holders: set[int] = set()  # guests holding whole cores
+        self._wanted_cache: dict[tuple[int, int], CpuSet] = {}
         self._cap: FloatArray | None = None
         self.dom_pos: list[IntArray] = [np.flatnonzero(self.pu_dom == d) for d in range(self.D)]
         self.dom_node = np.array([int(topo.pu_node[pos[0]]) for pos in self.dom_pos], dtype=np.int64)
@@ -279,7 +281,9 @@ class _World:
             else:
                 doms = np.unique(self.pu_dom[pos])
                 weights = np.bincount(self.pu_dom[pos], minlength=self.D) / len(pos)
-                cached = (int(doms[0]) if len(doms) == 1 else -1, weights.astype(np.float64))
+                # wider than one unit of the granularity (a PU, a core): not placed yet
+                one = len(doms) == 1 and self._confined(aff)
+                cached = (int(doms[0]) if one else -1, weights.astype(np.float64))
             self._aff_cache[aff] = cached
         return cached
 
@@ -304,9 +308,7 @@ class _World:
                 measured = miss is not None
                 m = float(miss) if miss is not None else (u or 0.0) * self.p.assumed
                 aff_dom, weights = self._affinity_domain(v.affinity)
-                if aff_dom >= 0 and not self._confined(v.affinity):
-                    aff_dom = -1  # wider than one unit of the granularity: not placed yet
-                lc = last_cpu(s, guest, v)
+                lc = last_cpu(s, guest, v, self.online)
                 lc_pos = self.pos_of[lc] if lc is not None else -1
                 if aff_dom >= 0:
                     inside = (
@@ -414,6 +416,8 @@ class _World:
 
     def _fits(self, r: _VCpuRow, d: int) -> bool:
         """Whether the domain still has PUs this vCPU may use (usable, not held by another VM)."""
+        if r.gi not in self.holders:
+            return bool(self.capacity()[d] > 0)
         pos = self.dom_pos[d]
         free = self.usable_mask[pos] & ((self.excl_owner[pos] < 0) | (self.excl_owner[pos] == r.gi))
         return bool(free.any())
@@ -423,8 +427,10 @@ class _World:
         agg = _Aggregates(np.zeros(nd), np.zeros(nd), np.zeros((ng, nd)), np.zeros((ng, nd)), np.zeros(ng))
         for r in self.rows:
             agg.UT[r.gi] += r.u
-            if r.dom < 0 or id(r) in exclude:
-                r.dom = -1 if id(r) in exclude else r.dom
+            if id(r) in exclude:
+                r.dom = r.pu = -1  # lifted: placed afresh below
+                continue
+            if r.dom < 0:
                 continue
             self._add(agg, r, r.dom, sign=1.0, refresh=False)
         agg.UT = np.maximum(agg.UT, 1e-9)
@@ -638,25 +644,26 @@ class _World:
 
     def _choose_pu(self, r: _VCpuRow, d: int) -> int:
         """Least-loaded PU of the domain; idle cores first, then a core shared with its own VM."""
-        best: tuple[float, int] | None = None
-        bad = {c for cpus in self.bad.get((r.guest.id, r.vcpu.index), ()) if len(cpus) == 1 for c in cpus}
-        for pos in self.dom_pos[d]:
-            p = int(pos)
-            if not self.usable_mask[p] or self.excl_owner[p] not in (-1, r.gi) or self.topo.pus[p] in bad:
-                continue
-            own = self.pl[p] - (self.pl_guest[p][r.gi] if r.pu == p else 0.0)
-            others = 0.0
-            mine = 0.0
-            for s in self.core_pos[int(self.pu_core[p])]:
-                if s == p:
-                    continue
-                same = self.pl_guest[int(s)].get(r.gi, 0.0)
-                others += self.pl[int(s)] - same
-                mine += same
-            score = own + 0.5 * min(others, 1.0) + 0.1 * min(mine, 1.0)
-            if best is None or score < best[0] - 1e-12:
-                best = (score, p)
-        return best[1] if best else int(self.dom_pos[d][0])
+        pos = self.dom_pos[d]
+        ok = self.usable_mask[pos] & ((self.excl_owner[pos] < 0) | (self.excl_owner[pos] == r.gi))
+        for cpus in self.bad.get((r.guest.id, r.vcpu.index), ()):
+            if len(cpus) == 1:
+                ok &= np.asarray(self.topo.pus)[pos] != cpus.first()
+        pos = pos[ok]
+        if len(pos) == 0:
+            return int(self.dom_pos[d][0])
+        mine = np.array([self.pl_guest[int(p)].get(r.gi, 0.0) for p in pos])
+        own = self.pl[pos] - np.where(pos == r.pu, mine, 0.0)
+        core = self.pu_core[pos]
+        # per core: load of the VM itself and of everyone, over all its PUs
+        core_all = np.bincount(self.pu_core, weights=self.pl, minlength=len(self.core_pos))[core]
+        core_mine = np.zeros(len(pos))
+        for i, c in enumerate(core.tolist()):
+            core_mine[i] = sum(self.pl_guest[int(q)].get(r.gi, 0.0) for q in self.core_pos[c])
+        sib_mine = core_mine - mine
+        sib_others = (core_all - self.pl[pos]) - sib_mine
+        score = own + 0.5 * np.minimum(sib_others, 1.0) + 0.1 * np.minimum(sib_mine, 1.0)
+        return int(pos[int(np.argmin(np.round(score, 12)))])
 
     # ------------------------------------------------------------------ 2. rebalance
     def _pressure(self) -> FloatArray:
@@ -794,22 +801,28 @@ class _World:
     # ------------------------------------------------------------------ 4. gains and targets
     def _initial_gains(self, placed: list[_VCpuRow]) -> None:
         """Gain of confining a floating vCPU: its expected cost where the scheduler may run it
-        (averaged over its current affinity's domains) minus its cost where it was placed."""
+        (its current affinity's domains, weighted by their share of its PUs) minus its cost
+        where it was placed. Domains it may not use count as nothing."""
         if not placed:
             return
         costs = self.cost_rows(placed)
-        for i, r in enumerate(placed):
-            w = r.aff_weights
-            if w is None or not np.isfinite(costs[i]).all():
-                finite = costs[i][np.isfinite(costs[i])]
-                floating_cost = float(finite.mean()) if len(finite) else 0.0
-            else:
-                floating_cost = float(w @ costs[i])
-            gain = floating_cost - float(costs[i, r.dom])
+        finite = np.isfinite(costs)
+        weights = np.array(
+            [r.aff_weights if r.aff_weights is not None else np.full(self.D, 1.0 / self.D) for r in placed]
+        )
+        weights = np.where(finite, weights, 0.0)
+        weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+        floating = (weights * np.where(finite, costs, 0.0)).sum(axis=1)
+        here = costs[np.arange(len(placed)), [r.dom for r in placed]]
+        gains = floating - np.where(np.isfinite(here), here, floating)
+        texts: dict[int, str] = {}
+        for r, gain in zip(placed, gains.tolist(), strict=True):
             r.gain = gain
+            if r.gi not in texts:
+                texts[r.gi] = self._vm_miss_text(r.gi)
             r.why = (
                 f"first placement of {r.guest.name} in {self._dom_name(r.dom)}"
-                f"{' on whole cores' if r.whole else ''} (VM {self._vm_miss_text(r.gi)}): est. "
+                f"{' on whole cores' if r.whole else ''} (VM {texts[r.gi]}): est. "
                 f"{gain:.3f} vCPU-equivalents regained vs. floating"
             )
 
@@ -823,6 +836,14 @@ class _World:
         topo = self.topo
         if r.whole and r.gi in self.holders and r.pu >= 0 and self.excl_owner[r.pu] == r.gi:
             return topo.cores[int(self.pu_core[r.pu])] & self.usable
+        if self.gran in ("llc", "node") and r.gi not in self.holders:
+            key = (r.dom, len(self.holders))
+            cached = self._wanted_cache.get(key)
+            if cached is None:
+                pos = self.dom_pos[r.dom]
+                pos = pos[self.usable_mask[pos] & (self.excl_owner[pos] < 0)]
+                cached = self._wanted_cache[key] = CpuSet(topo.pus[int(p)] for p in pos)
+            return cached
         free = self.usable_mask & ((self.excl_owner < 0) | (self.excl_owner == r.gi))
         if self.gran in ("llc", "node"):
             pos = self.dom_pos[r.dom]
@@ -839,7 +860,12 @@ class _World:
         for r in self.rows:
             if not r.movable or r.dom < 0 or (not r.kind and r.aff_dom < 0):
                 continue
-            if r.kind and r.gain < self.p.min_gain:
+            # A first placement at pu/core granularity, or on whole cores, is what the operator or
+            # the VM asked for, whatever the model thinks it gains; at llc/node it is optional.
+            required = r.kind == "initial" and (r.whole or self.gran in ("pu", "core"))
+            if required:
+                r.gain = max(r.gain, 0.0)
+            elif r.kind and r.gain < self.p.min_gain:
                 continue  # not worth confining (yet): leave it to the scheduler
             if r.pu < 0 and self.gran in ("pu", "core"):
                 continue

@@ -80,6 +80,7 @@ class NumaPolicy:
             by_guest.setdefault(guest.id, (guest, []))[1].append(vcpu)
 
         # CPU in use per node by everything we can see (movable or not), where it last ran.
+        online = topo.online
         used: defaultdict[int, float] = defaultdict(float)
         demand: dict[str, float] = {}
         for guest in snapshot.guests:
@@ -87,7 +88,7 @@ class NumaPolicy:
             for v in guest.vcpus:
                 u = utilization(rates_of(snapshot, guest, v)) or 0.0
                 total += u
-                cpu = last_cpu(snapshot, guest, v)
+                cpu = last_cpu(snapshot, guest, v, online)
                 node = topo.node_of(cpu) if cpu is not None else None
                 if node is not None:
                     used[node] += u
@@ -114,6 +115,11 @@ class NumaPolicy:
                 free = {n: len(c) - (used[n] - mine.get(n, 0.0)) for n, c in node_cpus.items()}
                 picked = self._pick_nodes(snapshot, guest, free, request)
                 nodes, bound_at = picked, snapshot.time
+                # Later VMs in this pass see this one where it is going, not where it was.
+                for n, x in mine.items():
+                    used[n] -= x
+                for n in picked:
+                    used[n] += demand[gid] / len(picked)
             if nodes:
                 entry["nodes"], entry["bound_at"] = nodes, bound_at
                 cpus = _union(node_cpus, nodes)
@@ -129,8 +135,9 @@ class NumaPolicy:
     @staticmethod
     def _vm_use_by_node(snapshot: Snapshot, guest: Guest) -> dict[int, float]:
         out: defaultdict[int, float] = defaultdict(float)
+        online = snapshot.topology.online
         for v in guest.vcpus:
-            cpu = last_cpu(snapshot, guest, v)
+            cpu = last_cpu(snapshot, guest, v, online)
             node = snapshot.topology.node_of(cpu) if cpu is not None else None
             if node is not None:
                 out[node] += utilization(rates_of(snapshot, guest, v)) or 0.0

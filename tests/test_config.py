@@ -24,6 +24,7 @@ from adaptive_pin.config import (
     metrics_listen,
     parse_config,
     pinnability_rules,
+    policy_options,
     render_markdown,
     render_toml,
     to_dict,
@@ -435,6 +436,9 @@ def test_overrides_are_validated_like_the_file(any_policy_options: None) -> None
         with_overrides(c, **{"controller.intervl_s": 1})
     c2 = with_overrides(c, **{"policy.options.threshold": 3, "metrics.address": "0.0.0.0:9"})
     assert c2.policy.options == {"threshold": 3}
+    c3 = with_overrides(c2, **{"policy.options.weights": {"a": [1, 2]}})
+    assert policy_options(c3) == {"threshold": 3, "weights": {"a": [1, 2]}}
+    assert type(policy_options(c3)["weights"]["a"]) is list
     assert c2.metrics.address == "0.0.0.0:9"
 
 

@@ -52,7 +52,9 @@ def _wait_for(path: Path, text: str, timeout: float = 30.0) -> str:
 
 
 def test_a_bounded_run_ticks_pins_and_writes_private_state(tmp_path: Path) -> None:
-    p = subprocess.run(_cmd(tmp_path, "--ticks", "8"), capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        _cmd(tmp_path, "--ticks", "8"), capture_output=True, text=True, check=False, timeout=120
+    )
     assert p.returncode == 0, p.stderr
     assert " move " in p.stderr  # one line per decision, with its reason
     state = tmp_path / "state" / "state.json"
@@ -64,7 +66,11 @@ def test_a_bounded_run_ticks_pins_and_writes_private_state(tmp_path: Path) -> No
 
 def test_without_restore_the_state_remembers_how_to_restore(tmp_path: Path) -> None:
     p = subprocess.run(
-        _cmd(tmp_path, "--ticks", "8", "--no-restore-on-exit"), capture_output=True, text=True, timeout=120
+        _cmd(tmp_path, "--ticks", "8", "--no-restore-on-exit"),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
     )
     assert p.returncode == 0, p.stderr
     doc = json.loads((tmp_path / "state" / "state.json").read_text())
@@ -95,7 +101,7 @@ def test_a_second_instance_is_refused_with_one_line(tmp_path: Path) -> None:
         try:
             _wait_for(log, "running:")
             second = subprocess.run(
-                _cmd(tmp_path, "--ticks", "1"), capture_output=True, text=True, timeout=60
+                _cmd(tmp_path, "--ticks", "1"), capture_output=True, text=True, check=False, timeout=60
             )
         finally:
             first.send_signal(signal.SIGINT)
@@ -136,7 +142,9 @@ def test_sighup_keeps_the_old_config_when_the_new_one_is_bad(tmp_path: Path) -> 
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], fragment: str) -> None:
-    p = subprocess.run(_cmd(tmp_path, "--ticks", "1", *args), capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        _cmd(tmp_path, "--ticks", "1", *args), capture_output=True, text=True, check=False, timeout=60
+    )
     assert p.returncode == 2, p.stderr
     assert fragment in p.stderr and "Traceback" not in p.stderr
 
@@ -158,6 +166,7 @@ def test_plan_advises_and_json_is_machine_readable() -> None:
         ],
         capture_output=True,
         text=True,
+        check=False,
         timeout=60,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )

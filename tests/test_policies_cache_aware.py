@@ -24,11 +24,7 @@ def vm(gid: str, cpus: Sequence[CpuSet], **kw: object) -> Guest:
 
 def load(guests: Sequence[Guest], spec: Mapping[str, tuple[float, float | None]]) -> dict[VCpuKey, VCpuRates]:
     """(utilization, misses/s) per guest id, the same for each of its vCPUs."""
-    return {
-        (g.id, v.index): rates(spec[g.id][0], spec[g.id][1], v.last_cpu)
-        for g in guests
-        for v in g.vcpus
-    }
+    return {(g.id, v.index): rates(spec[g.id][0], spec[g.id][1], v.last_cpu) for g in guests for v in g.vcpus}
 
 
 def settle(policy: CacheAwarePolicy, snap: Snapshot, ticks: int = 8) -> tuple[Snapshot, object, list[Plan]]:
@@ -61,9 +57,7 @@ def test_two_hungry_vms_in_one_llc_are_separated() -> None:
     assert not plans[-1].moves, "did not settle"
     assert len(llcs(final, "a")) == 1 and len(llcs(final, "b")) == 1, "a VM was left split"
     assert llcs(final, "a") != llcs(final, "b"), "the two hungry VMs still share an LLC"
-    assert final.guest("q").vcpus == snap.guest("q").vcpus or llcs(final, "q") != llcs(final, "a") & llcs(
-        final, "b"
-    )
+    assert len(llcs(final, "q")) == 1
 
 
 def test_hungry_vm_is_paired_with_a_quiet_one_not_another_hungry_one() -> None:
@@ -72,8 +66,11 @@ def test_hungry_vm_is_paired_with_a_quiet_one_not_another_hungry_one() -> None:
     spec = {"h1": (1.0, HUNGRY), "h2": (1.0, HUNGRY), "q1": (1.0, QUIET), "q2": (1.0, QUIET)}
     final, _, _ = settle(CacheAwarePolicy(), snapshot(TOPO, guests, load(guests, spec)))
     assert llcs(final, "h1") != llcs(final, "h2")
-    for gid in spec:
-        assert len(llcs(final, gid)) == 1
+    assert len(llcs(final, "h1")) == len(llcs(final, "h2")) == 1
+    # Quiet VMs gain nothing measurable from pinning: left to the scheduler, or kept whole.
+    for gid in ("q1", "q2"):
+        vcpus = final.guest(gid).vcpus
+        assert all(v.affinity == TOPO.online for v in vcpus) or len(llcs(final, gid)) == 1
 
 
 def test_split_vm_is_pulled_together_where_there_is_room() -> None:
@@ -147,7 +144,7 @@ def test_whole_cores_vm_gets_whole_cores_to_itself() -> None:
     for core in cores:
         assert core in TOPO.cores, f"{core} is not a whole core"
         assert sum(v.affinity == core for v in w.vcpus) == 2
-    held = CpuSet().union(*cores) if hasattr(CpuSet, "union") else cores.pop() | cores.pop()
+    held = CpuSet(c for core in cores for c in core)
     for v in final.guest("x").vcpus:
         assert v.affinity.isdisjoint(held), "another VM may run on the whole cores"
 

@@ -32,24 +32,46 @@ json_values = st.recursive(
     ),
     max_leaves=10,
 )
-# Mostly well-formed headers, so the fuzz reaches the section decoders.
+# Mostly well-formed headers and section shapes, so the fuzz gets deep into the decoders
+# (and sometimes all the way through), with arbitrary JSON mixed in at every level.
+cpulists = st.one_of(st.sampled_from(["0-3", "1", "", "3-1", "0-15:2/4", "x"]), st.text(max_size=4))
+vcpu_names = st.one_of(
+    st.sampled_from(["a/0", "uuid-b/12", "pid:7/1", "a/x", "/0", "a0"]), st.text(max_size=5)
+)
+times = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(), json_values)
+affinities = st.dictionaries(
+    st.text(max_size=6),
+    st.dictionaries(st.one_of(st.sampled_from(["0", "1", "17"]), st.text(max_size=3)), cpulists),
+)
+guard = st.dictionaries(
+    vcpu_names,
+    st.one_of(
+        st.fixed_dictionaries(
+            {"last_moved": st.one_of(st.none(), times), "left": st.dictionaries(cpulists, times)}
+        ),
+        json_values,
+    ),
+)
+bad = st.dictionaries(st.builds(lambda v, c: f"{v}|{c}", vcpu_names, cpulists), times)
 documents = st.fixed_dictionaries(
     {
-        "format": st.one_of(st.just(FORMAT), json_values),
-        "version": st.one_of(st.just(VERSION), json_values),
-        "host_id": st.one_of(st.just(HOST), json_values),
+        "format": st.one_of(*[st.just(FORMAT)] * 5, json_values),
+        "version": st.one_of(*[st.just(VERSION)] * 5, json_values),
+        "host_id": st.one_of(*[st.just(HOST)] * 5, json_values),
     },
     optional={
-        k: json_values
-        for k in (
-            "boot_id",
-            "saved_at",
-            "original_affinity",
-            "placement",
-            "guard",
-            "bad_placements",
-            "policy",
-        )
+        "boot_id": st.one_of(st.text(max_size=8), json_values),
+        "saved_at": times,
+        "original_affinity": st.one_of(affinities, json_values),
+        "placement": st.one_of(affinities, json_values),
+        "guard": st.one_of(guard, json_values),
+        "bad_placements": st.one_of(bad, json_values),
+        "policy": st.one_of(
+            st.fixed_dictionaries(
+                {"name": st.one_of(st.text(max_size=5), json_values), "state": json_values}
+            ),
+            json_values,
+        ),
     },
 )
 

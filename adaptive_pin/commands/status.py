@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from adaptive_pin.commands._common import DRIVER_HELP_EPILOG, add_driver_arguments, open_driver_from_args
-from adaptive_pin.model import Guest, Inventory, VCpu, VCpuRates
+from adaptive_pin.drivers.base import Driver
+from adaptive_pin.errors import UsageError
+from adaptive_pin.live_table import NO_PMU
+from adaptive_pin.model import LLC_MISSES, Guest, Inventory, VCpu, VCpuKey, VCpuRates
+from adaptive_pin.runtime import build_runtime
+from collectors.sampler import Sampler, SamplerResult
 
 ORDER = 20
 
@@ -17,6 +24,9 @@ DESCRIPTION = """\
 Show the running guests one driver sees: each vCPU's host thread, the CPUs it may run on,
 the CPU it last ran on (/proc/<pid>/task/<tid>/stat field 39), and whether adaptive-pin may
 move it, with the source of that answer (config, metadata, orchestrator, default).
+With --sample (default 1 s) it also measures each vCPU's rates over that interval: CPU
+utilization, LLC misses per kilo-instruction, IPC and run-queue delay, or "n/a: no PMU" where
+the host has no hardware counters. --watch keeps a live table on the terminal.
 Per-guest problems are listed and do not fail the command; exit 1 only when the driver fails.
 """
 
@@ -25,7 +35,9 @@ Examples:
   adaptive-pin status                              libvirt if it answers, else plain QEMU
   adaptive-pin status --driver qemu --qmp web1=/run/qemu/web1.qmp
   adaptive-pin status --driver libvirt --libvirt-uri qemu:///session --json
-  adaptive-pin status --driver sim --scenario scenarios/two-llc.toml
+  adaptive-pin status --driver sim --scenario my-host.toml
+  adaptive-pin status --watch --sample 2             live table
+  adaptive-pin status --sample 0 --json            inventory only, no counters opened
 
 {DRIVER_HELP_EPILOG}"""
 
@@ -137,16 +149,110 @@ def render_text(driver: str, inventory: Inventory) -> str:
     return "\n".join(lines)
 
 
+def _rate_cell(name: str, fmt: str) -> Callable[[StatusRow], str]:
+    def cell(row: StatusRow) -> str:
+        if row.rates is None:
+            return "-"
+        value: float | None = getattr(row.rates, name)
+        if value is not None:
+            return format(value, fmt)
+        return NO_PMU if row.rates.missing.get(name, "").startswith("no PMU") else "-"
+
+    return cell
+
+
+RATE_COLUMNS: tuple[Column, ...] = (
+    Column("UTIL", _rate_cell("utilization", ".0%"), right=True),
+    Column("MPKI", _rate_cell("mpki", ".2f"), right=True),
+    Column("IPC", _rate_cell("ipc", ".2f"), right=True),
+    Column("DELAY", _rate_cell("run_delay", ".1%"), right=True),
+)
+
+
+def rates_json(rates: VCpuRates | None) -> dict[str, Any] | None:
+    if rates is None:
+        return None
+    names = (
+        "llc_misses_per_s",
+        "instructions_per_s",
+        "cycles_per_s",
+        "mpki",
+        "ipc",
+        "utilization",
+        "run_delay",
+    )
+    return {
+        **{n: getattr(rates, n) for n in names},
+        "missing": dict(rates.missing),
+    }
+
+
+def _sampled(driver: Driver, sampler: Sampler, seconds: float) -> tuple[Inventory, SamplerResult]:
+    """Two looks ``seconds`` apart: rates are differences, the first look only opens counters."""
+    sampler.sample(driver.inventory().guests)
+    time.sleep(seconds)
+    inventory = driver.inventory()
+    return inventory, sampler.sample(inventory.guests)
+
+
 def run(args: argparse.Namespace) -> int:
     driver = open_driver_from_args(args)
     try:
-        inventory = driver.inventory()
+        if args.sample <= 0 and not args.watch:
+            inventory, result = driver.inventory(), None
+        else:
+            runtime = build_runtime(driver)
+            sampler = Sampler(runtime.collectors)
+            try:
+                if args.watch:
+                    return _watch(driver, sampler, max(args.sample, 0.2))
+                inventory, result = _sampled(driver, sampler, args.sample)
+            finally:
+                sampler.close()
     finally:
         driver.close()
     if args.json:
-        print(json.dumps(inventory_json(driver.name, inventory), indent=2))
-    else:
+        doc = inventory_json(driver.name, inventory)
+        if result is not None:
+            doc["capabilities"] = dict(result.capabilities)
+            for g in doc["guests"]:
+                for v in g["vcpus"]:
+                    v["rates"] = rates_json(result.rates.get((g["id"], v["index"])))
+        print(json.dumps(doc, indent=2))
+        return 0
+    if result is None:
         print(render_text(driver.name, inventory))
+        return 0
+    rows = [
+        replace(r, rates=result.rates.get((r.guest.id, r.vcpu.index))) if r.vcpu else r
+        for r in rows_of(inventory)
+    ]
+    n = len(inventory.guests)
+    print(f"driver {driver.name}: {n} guest{'s' if n != 1 else ''}, rates over {args.sample:g}s")
+    if rows:
+        print(render_table(rows, (*COLUMNS[:-1], *RATE_COLUMNS, COLUMNS[-1])))
+    missing = {k: v for k, v in result.capabilities.items() if v}
+    for counter, why in sorted(missing.items()):
+        print(f"  {counter}: n/a: {why}")
+    for key, msg in sorted(inventory.errors.items()):
+        print(f"  {key}: {msg}")
+    return 0
+
+
+def _watch(driver: Driver, sampler: Sampler, interval: float) -> int:
+    from adaptive_pin import live_table
+
+    if not sys.stdout.isatty():
+        raise UsageError("--watch needs a terminal; use --json for scripts")
+    sampler.sample(driver.inventory().guests)
+
+    def fetch() -> tuple[Sequence[Guest], Mapping[VCpuKey, VCpuRates], bool]:
+        inventory = driver.inventory()
+        result = sampler.sample(inventory.guests)
+        no_pmu = bool(result.capabilities.get(LLC_MISSES))
+        return inventory.guests, result.rates, no_pmu
+
+    live_table.watch(fetch, interval, title=f"adaptive-pin status ({driver.name})")
     return 0
 
 
@@ -160,4 +266,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_driver_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--sample",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="measure rates (util, MPKI, IPC, run delay) over this long; 0: inventory only (default 1)",
+    )
+    parser.add_argument("--watch", action="store_true", help="live table, refreshed every --sample seconds")
     parser.set_defaults(func=run)

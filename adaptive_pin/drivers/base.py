@@ -48,9 +48,9 @@ def _load(spec: str) -> Callable[..., Driver]:
 def open_driver(name: str, **options: Any) -> Driver:
     """Open a driver by name; ``auto`` is libvirt when its socket answers, else plain QEMU."""
     if name == "auto":
-        from adaptive_pin.drivers import libvirt as lv
+        from adaptive_pin.drivers.libvirt import available
 
-        name = "libvirt" if lv.available(options.get("libvirt_uri")) else "qemu"
+        name = "libvirt" if available(options.get("uri")) else "qemu"
     if name not in DRIVERS:
         raise UsageError(f"unknown driver {name!r}: choose one of auto, {', '.join(DRIVERS)}")
     return _load(DRIVERS[name])(**options)

@@ -22,6 +22,7 @@ then raise :class:`DriverError` and reconnect with capped exponential backoff.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -496,11 +497,9 @@ class LibvirtDriver:
             self._lost = "closed by adaptive-pin"
         if conn is None:
             return
-        try:
+        with contextlib.suppress(self._lv.libvirtError):  # already dead: nothing left to release
             conn.unregisterCloseCallback()
             conn.close()
-        except self._lv.libvirtError:
-            pass
 
 
 class _QemuPids:
@@ -517,13 +516,11 @@ class _QemuPids:
         return f"/run/libvirt/qemu/{name}.pid"
 
     def find(self, uri: str, name: str, uuid: str) -> int | None:
-        try:
+        with contextlib.suppress(OSError, ValueError, psutil.Error):  # stale or unreadable: scan
             with open(self._pidfile(uri, name)) as f:
                 pid = int(f.read().strip())
             if parse_cmdline(psutil.Process(pid).cmdline()).uuid == uuid.lower():
                 return pid
-        except (OSError, ValueError, psutil.Error):
-            pass
         if self._by_uuid is None:
             self._by_uuid = {}
             for proc in psutil.process_iter(["cmdline"]):

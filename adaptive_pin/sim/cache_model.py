@@ -20,6 +20,7 @@ EPS_RATE = 1.0
 MAX_ITERATIONS = 200
 TOLERANCE = 1e-7  # largest relative change of any occupancy between two iterations
 DAMPING = 0.5  # new = DAMPING * proposed + (1 - DAMPING) * old: damps the rate <-> share feedback
+MIN_DAMPING = 1 / 64  # adaptive damping halves down to this when the iteration stops contracting
 
 
 @dataclass(frozen=True)
@@ -104,12 +105,19 @@ def solve(
         weights = np.where(np.isfinite(initial) & (initial > 0), initial, weights * cap / n)
     occ = cap * weights / np.bincount(d, weights=weights, minlength=n_dom)[d]
     iterations = 0
+    damping, last_change = DAMPING, np.inf
     for iterations in range(1, MAX_ITERATIONS + 1):  # noqa: B007 - reported below
         _, m_cap, m_cross, cpi = evaluate(occ)
         rate = load.run * (freq_hz / cpi) * (m_cap + m_cross) / 1000.0 + EPS_RATE
         proposed = cap * rate / np.bincount(d, weights=rate, minlength=n_dom)[d]
-        new = DAMPING * proposed + (1.0 - DAMPING) * occ
-        change = float(np.max(np.abs(new - occ) / cap))
+        step = float(np.max(np.abs(proposed - occ) / cap))
+        if step > 0.9 * last_change and damping > MIN_DAMPING:
+            # Not contracting: on a steep knee of a curve the undamped map overshoots and
+            # a fixed damping can settle into a 2-cycle. Smaller steps restore contraction.
+            damping /= 2
+        last_change = step
+        new = damping * proposed + (1.0 - damping) * occ
+        change = damping * step
         occ = new
         if change < TOLERANCE:
             break

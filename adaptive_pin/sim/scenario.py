@@ -24,8 +24,10 @@ from adaptive_pin.sim.workloads import (
     parse_size,
 )
 
-# Shipped scenarios live at the top of the source tree; `simulate demo` finds scenarios/demo.toml.
-SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios"
+# Shipped scenarios live in scenarios/ at the top of the source tree, reached through the package
+# data link adaptive_pin/data/scenarios (so an installed wheel has them too): `simulate demo`
+# finds scenarios/demo.toml.
+SCENARIO_DIR = Path(__file__).resolve().parents[1] / "data" / "scenarios"
 PIN_MODES = ("auto", "off")
 
 

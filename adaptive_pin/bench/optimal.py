@@ -1,0 +1,181 @@
+"""The best placement, by exhaustive search, where the search is small enough.
+
+A scenario is first reduced to its *static case*: the VMs running at the end of the run, each
+with the workload and load of its last phase, all present from t = 0, nobody arriving or
+leaving. A candidate placement gives every movable vCPU the usable PUs of one LLC domain as its
+affinity; inside a domain the simulated Linux scheduler places threads (as under cache-aware's
+default granularity "llc"). Because a VM's vCPUs are interchangeable, a candidate is just how
+many vCPUs of each VM go to each domain; VMs with the same spec (workload, vCPUs, load, memory,
+hints) are interchangeable too, so each class contributes multisets of those compositions:
+
+    candidates = prod over classes of C(n_comp + k - 1, k),  n_comp = C(v + D - 1, D - 1)
+
+for k VMs of v vCPUs on D domains. Each candidate is scored by the simulator itself (the same
+SimHost as the closed-loop runs: cache fixed point, SMT, NUMA first touch, time-sharing) as its
+steady-state weighted speedup: the mean of ``MEASURE_TICKS`` ticks after ``WARMUP_TICKS``, with the
+scenario's seed, so every candidate sees the same scheduler noise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+
+from adaptive_pin.model import CpuSet, Topology
+from adaptive_pin.sim.host import SimHost, load_host_topology
+from adaptive_pin.sim.scenario import Scenario, VmSpec
+
+VCpuName = tuple[str, int]  # (VM name, vCPU index): names, since a re-run gives new guest ids
+WARMUP_TICKS = 2
+MEASURE_TICKS = 3
+METHOD = "exhaustive"
+
+
+@dataclass(frozen=True)
+class StaticCase:
+    scenario: Scenario  # the static scenario (every VM from t = 0, last phase, no stops)
+    topology: Topology
+    domains: tuple[CpuSet, ...]  # usable PUs (minus orchestrator-pinned ones) of each LLC domain
+    movable: tuple[VmSpec, ...]  # the VMs a policy may place, in scenario order
+
+
+@dataclass(frozen=True)
+class BestPlacement:
+    method: str
+    candidates: int
+    best_ws: float
+    worst_ws: float
+    domains: tuple[str, ...]  # cpulists
+    assignment: Mapping[str, tuple[int, ...]]  # VM -> vCPUs in each domain
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class NotSearched:
+    reason: str
+    candidates: int | None = None
+
+
+def static_case(scenario: Scenario, duration: float, topology: Topology | None = None) -> StaticCase:
+    """``scenario`` as it stands at the end of a run of ``duration`` seconds, made static."""
+    last = duration - scenario.tick + 1e-9  # the last tick starts here
+    vms: list[VmSpec] = []
+    for vm in scenario.vms:
+        if vm.start > last or (vm.stop is not None and vm.stop <= last):
+            continue
+        workload, load = vm.workload, vm.load
+        for phase in vm.phases:
+            if phase.at <= last:
+                workload = phase.workload
+                load = phase.load if phase.load is not None else load
+        vms.append(replace(vm, workload=workload, load=load, start=0.0, stop=None, phases=()))
+    static = replace(scenario, name=f"{scenario.name}-static", vms=tuple(vms), duration=3600.0)
+    topo = topology if topology is not None else load_host_topology(scenario.host)
+    taken = CpuSet()
+    for vm in vms:
+        if vm.pinned_cpus is not None:
+            taken |= vm.pinned_cpus
+    usable = (topo.usable or topo.online) - taken
+    domains = tuple(d.cpus & usable for d in topo.llc if d.cpus & usable)
+    movable = tuple(vm for vm in vms if vm.pinned_cpus is None and vm.pinning == "auto")
+    return StaticCase(static, topo, domains, movable)
+
+
+def steady_ws(case: StaticCase, affinity: Mapping[VCpuName, CpuSet]) -> float:
+    """Weighted speedup of ``case`` in steady state with these affinities (others: the default)."""
+    host = SimHost(case.scenario, topology=case.topology)
+    for vm in host.vms.values():
+        for th in vm.threads:
+            cpus = affinity.get((vm.name, th.index))
+            if cpus:
+                host.pin(vm.id, th.index, cpus)
+    for _ in range(WARMUP_TICKS):
+        host.step()
+    return sum(host.step().weighted_speedup for _ in range(MEASURE_TICKS)) / MEASURE_TICKS
+
+
+def _classes(case: StaticCase) -> list[list[VmSpec]]:
+    """Movable VMs grouped by everything the model sees of them (name aside)."""
+    groups: dict[tuple[object, ...], list[VmSpec]] = {}
+    for vm in case.movable:
+        key = (vm.workload, vm.vcpus, vm.load, vm.memory_nodes, vm.whole_cores, vm.latency_sensitive)
+        groups.setdefault(key, []).append(vm)
+    return list(groups.values())
+
+
+def _compositions(n: int, parts: int) -> list[tuple[int, ...]]:
+    """Every way to split n vCPUs over ``parts`` domains (stars and bars)."""
+    out = []
+    for bars in itertools.combinations(range(n + parts - 1), parts - 1):
+        edges = (-1, *bars, n + parts - 1)
+        out.append(tuple(edges[i + 1] - edges[i] - 1 for i in range(parts)))
+    return out
+
+
+def candidate_count(case: StaticCase) -> int:
+    d = len(case.domains)
+    total = 1
+    for cls in _classes(case):
+        n_comp = math.comb(cls[0].vcpus + d - 1, d - 1)
+        total *= math.comb(n_comp + len(cls) - 1, len(cls))
+    return total
+
+
+def candidates(case: StaticCase) -> Iterator[dict[str, tuple[int, ...]]]:
+    """Every symmetry-reduced assignment: VM name -> vCPUs per domain."""
+    d = len(case.domains)
+    per_class = [
+        [
+            dict(zip((vm.name for vm in cls), combo, strict=True))
+            for combo in itertools.combinations_with_replacement(_compositions(cls[0].vcpus, d), len(cls))
+        ]
+        for cls in _classes(case)
+    ]
+    for parts in itertools.product(*per_class):
+        merged: dict[str, tuple[int, ...]] = {}
+        for part in parts:
+            merged.update(part)
+        yield merged
+
+
+def affinity_of(case: StaticCase, assignment: Mapping[str, tuple[int, ...]]) -> dict[VCpuName, CpuSet]:
+    out: dict[VCpuName, CpuSet] = {}
+    for vm, counts in assignment.items():
+        index = 0
+        for dom, n in zip(case.domains, counts, strict=True):
+            for _ in range(n):
+                out[(vm, index)] = dom
+                index += 1
+    return out
+
+
+def search(case: StaticCase, budget: int) -> BestPlacement | NotSearched:
+    """The best candidate by steady-state weighted speedup, or why the search was not run."""
+    if len(case.domains) < 2:
+        return NotSearched("one LLC domain: nothing to choose at LLC granularity")
+    if not case.movable:
+        return NotSearched("no VM the controller may move")
+    n = candidate_count(case)
+    if n > budget:
+        return NotSearched(f"{n} candidates, more than the search budget of {budget}", n)
+    t0 = time.perf_counter()
+    best: tuple[float, dict[str, tuple[int, ...]]] | None = None
+    worst = math.inf
+    for assignment in candidates(case):
+        ws = steady_ws(case, affinity_of(case, assignment))
+        worst = min(worst, ws)
+        if best is None or ws > best[0] + 1e-12:
+            best = (ws, assignment)
+    assert best is not None  # at least one movable VM: at least one candidate
+    return BestPlacement(
+        method=METHOD,
+        candidates=n,
+        best_ws=best[0],
+        worst_ws=worst,
+        domains=tuple(d.to_list() for d in case.domains),
+        assignment=best[1],
+        wall_s=time.perf_counter() - t0,
+    )

@@ -1,0 +1,59 @@
+"""The systemd unit agrees with the config defaults, and systemd accepts it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adaptive_pin.config import DEFAULT_PATH, Config
+
+REPO = Path(__file__).resolve().parent.parent
+UNIT = REPO / "deploy" / "adaptive-pin.service"
+
+
+def directives() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def test_unit_directories_match_the_config_defaults() -> None:
+    d, daemon = directives(), Config().daemon
+    # systemd creates /var/lib/<StateDirectory>, /run/<RuntimeDirectory>, /etc/<ConfigurationDirectory>.
+    assert daemon.state_file.parent == Path("/var/lib") / d["StateDirectory"][0]
+    assert daemon.lock_file.parent == Path("/run") / d["RuntimeDirectory"][0]
+    assert DEFAULT_PATH.parent == Path("/etc") / d["ConfigurationDirectory"][0]
+    assert d["StateDirectoryMode"] == ["0700"]
+
+
+def test_unit_grants_what_pinning_and_perf_need() -> None:
+    d = directives()
+    assert set(d["CapabilityBoundingSet"][0].split()) == {"CAP_SYS_NICE", "CAP_PERFMON"}
+    assert "perf_event_open" in d["SystemCallFilter"][0].split()  # in @debug, not @system-service
+    assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert d["RestartPreventExitStatus"] == ["2"]  # a config error is not fixed by restarting
+    assert d["ProtectProc"] == ["default"]  # "invisible" would hide QEMU processes
+
+
+def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed")
+    # verify wants ExecStart to exist: point it at this checkout's entry point.
+    exe = Path(sys.executable).with_name("adaptive-pin")
+    if not exe.exists():
+        pytest.skip(f"{exe} not installed")
+    unit = tmp_path / "adaptive-pin.service"
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/adaptive-pin", str(exe)))
+    proc = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert str(unit) not in proc.stderr, proc.stderr  # no warnings about our unit either
