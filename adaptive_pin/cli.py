@@ -29,6 +29,15 @@ Pin the vCPUs of running VMs to host CPUs, driven by cache-miss telemetry.
 
 Typical use:
   adaptive-pin topology                 what this host looks like (packages, NUMA, L3, SMT)
+  adaptive-pin status                   every VM's vCPU threads, where they run, MPKI, util
+  adaptive-pin plan                     advice: what would move and why (touches nothing)
+  adaptive-pin apply                    one shot: decide, pin, report MPKI before and after
+  adaptive-pin run                      the daemon (periodic + on VM events), with metrics
+  adaptive-pin simulate demo            the same controller on a simulated host, scored
+  adaptive-pin bench                    every scenario under every policy, side by side
+  adaptive-pin config check             validate /etc/adaptive-pin/config.toml
+
+Each command's --help has examples.
 """
 
 

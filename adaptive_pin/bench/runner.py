@@ -136,9 +136,7 @@ def _final_affinity(result: SimResult) -> dict[optimal.VCpuName, CpuSet]:
     return {(p.vm, p.vcpu): CpuSet.parse(p.affinity) for p in result.final_placement}
 
 
-def _figures(
-    result: SimResult, sc: Scenario, case: optimal.StaticCase | None, scored: bool
-) -> RunFigures:
+def _figures(result: SimResult, sc: Scenario, case: optimal.StaticCase | None, scored: bool) -> RunFigures:
     steady_ws = optimal.steady_ws(case, _final_affinity(result)) if case is not None and scored else None
     return RunFigures(
         seed=result.seed,
@@ -196,7 +194,6 @@ def bench_scenario(
         ]
     base = by_policy[BASELINE]
     best_ws = best.best_ws if isinstance(best, optimal.BestPlacement) else None
-    first = base[0]
     return ScenarioBench(
         scenario=sc.name,
         origin=sc.origin,
@@ -205,7 +202,7 @@ def bench_scenario(
         mixed=sc.name in MIXED_SCENARIOS,
         duration_s=duration,
         vcpus=sc.vcpu_count,
-        arrivals=len(first.arrivals) if first.arrivals is not None else len(sc.vms),
+        arrivals=sum(1 for vm in sc.vms if vm.start < duration),
         control_interval_s=settle.control_interval(sc),
         rows=tuple(_row(p, runs, base, best_ws) for p, runs in by_policy.items()),
         best=best,

@@ -49,7 +49,7 @@ def _mpki(report: TickReport, key: VCpuKey) -> float | None:
 
 def run(args: argparse.Namespace) -> int:
     report, asm = one_decision(args, dry_run=False)
-    ctl = asm.controller  # type: ignore[attr-defined]
+    ctl = asm.controller
     try:
         if report.applied:
             time.sleep(ctl.settings.interval_s)

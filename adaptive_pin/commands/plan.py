@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from adaptive_pin.assembly import assemble
+from adaptive_pin.assembly import Assembly, assemble
 from adaptive_pin.commands._controller_args import (
     CONTROLLER_EPILOG,
     add_controller_arguments,
@@ -14,6 +14,7 @@ from adaptive_pin.commands._controller_args import (
 )
 from adaptive_pin.config import DEFAULT_PATH
 from adaptive_pin.model import Move, TickReport
+from policies.registry import available_policies
 
 ORDER = 30
 
@@ -42,6 +43,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_controller_arguments(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--list-policies", action="store_true", help="list the policies (plug-ins too) and exit")
     p.set_defaults(func=run)
 
 
@@ -58,7 +60,7 @@ def move_json(m: Move) -> dict[str, object]:
     }
 
 
-def one_decision(args: argparse.Namespace, *, dry_run: bool) -> tuple[TickReport, object]:
+def one_decision(args: argparse.Namespace, *, dry_run: bool) -> tuple[TickReport, Assembly]:
     """Warm the rates up over one interval, then one tick. Returns the report and the assembly."""
     config, _ = effective_config(args, **{"controller.dry_run": dry_run or None})
     asm = assemble(config, hide_pmu=args.no_pmu)
@@ -72,9 +74,22 @@ def one_decision(args: argparse.Namespace, *, dry_run: bool) -> tuple[TickReport
     return report, asm
 
 
+def list_policies(as_json: bool) -> int:
+    policies = available_policies()
+    if as_json:
+        print(json.dumps(policies, indent=2))
+    else:
+        width = max(map(len, policies))
+        for name, description in policies.items():
+            print(f"{name.ljust(width)}  {description}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.list_policies:
+        return list_policies(args.json)
     report, asm = one_decision(args, dry_run=True)
-    asm.controller.close()  # type: ignore[attr-defined]
+    asm.controller.close()
     held = {(m.key, m.to_cpus): why for m, why in report.refused}
     if args.json:
         doc = {

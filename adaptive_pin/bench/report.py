@@ -1,0 +1,162 @@
+"""The bench's two outputs: aligned text tables for people, and JSON (the same figures, and every run)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from adaptive_pin.bench import optimal, settle
+from adaptive_pin.bench.decision_time import DecisionTime
+from adaptive_pin.bench.runner import MIXED_SCENARIOS, BenchOptions, PolicyRow, ScenarioBench
+from adaptive_pin.bench.targets import TargetResult
+
+JSON_VERSION = 1
+COLUMNS = (
+    ("policy", 12),
+    ("WS", 8),
+    ("WS/none", 8),
+    ("thru/none", 9),
+    ("MPKI/none", 9),
+    ("migr/vCPU-h", 11),
+    ("steady", 7),
+    ("settle max", 10),
+    ("best share", 10),
+)
+
+
+def _f(value: float | None, fmt: str = ".3f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _line(cells: Sequence[str]) -> str:
+    first, *rest = (
+        cell.ljust(width) if i == 0 else cell.rjust(width)
+        for i, (cell, (_, width)) in enumerate(zip(cells, COLUMNS, strict=True))
+    )
+    return "  ".join([first, *rest]).rstrip()
+
+
+def _row_cells(r: PolicyRow) -> list[str]:
+    return [
+        r.policy,
+        _f(r.weighted_speedup),
+        _f(r.ws_vs_none),
+        _f(r.throughput_vs_none),
+        _f(r.mpki_vs_none),
+        _f(r.migrations_per_vcpu_hour, ".1f"),
+        _f(r.steady_migrations_per_vcpu_hour, ".1f"),
+        _f(r.settle_ticks_max, "g"),
+        _f(r.best_share),
+    ]
+
+
+def _best_text(best: optimal.BestPlacement | optimal.NotSearched) -> str:
+    if isinstance(best, optimal.NotSearched):
+        return f"best placement: not searched ({best.reason})"
+    vms = ", ".join(f"{vm} {'+'.join(map(str, n))}" for vm, n in best.assignment.items())
+    return (
+        f"best placement: {best.method} search over {best.candidates} candidates in {best.wall_s:.1f} s: "
+        f"steady WS {best.best_ws:.3f} (worst candidate {best.worst_ws:.3f})\n"
+        f"  vCPUs per LLC domain [{' | '.join(best.domains)}]: {vms}"
+    )
+
+
+def scenario_text(sb: ScenarioBench) -> str:
+    tag = "  [mixed]" if sb.mixed else ""
+    lines = [
+        f"== {sb.scenario}{tag}: {sb.host}, {sb.vcpus} vCPUs, {sb.arrivals} arrivals, "
+        f"{sb.duration_s:g} s, control every {sb.control_interval_s:g} s",
+        _line([name for name, _ in COLUMNS]),
+        *(_line(_row_cells(r)) for r in sb.rows),
+        _best_text(sb.best),
+    ]
+    errors = [f"{r.policy} {r.controller_errors}" for r in sb.rows if r.controller_errors]
+    if errors:
+        lines.append(f"controller errors (all seeds): {', '.join(errors)}")
+    return "\n".join(lines)
+
+
+def decision_text(d: DecisionTime) -> str:
+    lines = [
+        f"== decision time: {d.pus} PUs ({d.llc_domains} LLC domains), {d.vms} VMs, {d.vcpus:,} vCPUs; "
+        f"{d.host}",
+        f"{'policy':<12}  {'cold ms':>8}  {'steady ms':>9}  {'moves':>6}   target <= {d.target_s * 1e3:g} ms",
+    ]
+    lines += [
+        f"{p.policy:<12}  {p.cold_s * 1e3:>8.1f}  {p.steady_s * 1e3:>9.1f}  {p.moves_cold:>6}"
+        for p in d.policies
+    ]
+    if d.tick_s is not None and d.tick_first_s is not None:
+        lines.append(
+            f"whole controller tick (cache-aware, sim driver): first {d.tick_first_s * 1e3:.0f} ms, "
+            f"then {d.tick_s * 1e3:.0f} ms (median)"
+        )
+    return "\n".join(lines)
+
+
+def targets_text(targets: Sequence[TargetResult]) -> str:
+    width = max(len(t.name) for t in targets)
+    lines = ["== targets (cache-aware; each judged on its worst scenario)"]
+    for t in targets:
+        measured = _f(t.measured, ".3g")
+        lines.append(f"{t.status:<4}  {t.name:<{width}}  {t.goal:<7}  measured {measured:<7}  {t.scope}")
+        if t.detail:
+            lines.append(f"      {t.detail}")
+    return "\n".join(lines)
+
+
+def text(
+    benches: Sequence[ScenarioBench],
+    decision: DecisionTime | None,
+    targets: Sequence[TargetResult],
+    options: BenchOptions,
+    wall_s: float,
+) -> str:
+    head = (
+        f"adaptive-pin bench: {len(benches)} scenario(s), median of {options.seeds} seed(s)"
+        f"{', quick' if options.quick else ''}; ratios are paired per seed against none\n"
+        "WS weighted speedup; thru throughput; migr controller migrations per vCPU-hour (steady: once "
+        f"settled); settle: control ticks, worst arrival; best share: steady WS of the final "
+        f"placement / the best placement's"
+    )
+    parts = [head, *(scenario_text(sb) for sb in benches)]
+    if decision is not None:
+        parts.append(decision_text(decision))
+    parts.append(targets_text(targets))
+    parts.append(f"bench took {wall_s:.0f} s")
+    return "\n\n".join(parts) + "\n"
+
+
+def to_json(
+    benches: Sequence[ScenarioBench],
+    decision: DecisionTime | None,
+    targets: Sequence[TargetResult],
+    options: BenchOptions,
+    wall_s: float,
+) -> dict[str, Any]:
+    scenarios = []
+    for sb in benches:
+        d = dataclasses.asdict(sb)
+        d["best"] = {
+            "method": sb.best.method if isinstance(sb.best, optimal.BestPlacement) else None,
+            **dataclasses.asdict(sb.best),
+        }
+        scenarios.append(d)
+    return {
+        "version": JSON_VERSION,
+        "quick": options.quick,
+        "seeds": options.seeds,
+        "definitions": {
+            "mixed_scenarios": sorted(MIXED_SCENARIOS),
+            "settle_window_ticks": settle.SETTLE_WINDOW_TICKS,
+            "steady_after_ticks": settle.STEADY_AFTER_TICKS,
+            "best_placement_method": optimal.METHOD,
+            "best_placement_budget": options.search_budget,
+            "steady_state_ticks": {"warmup": optimal.WARMUP_TICKS, "measure": optimal.MEASURE_TICKS},
+        },
+        "scenarios": scenarios,
+        "decision_time": None if decision is None else dataclasses.asdict(decision),
+        "targets": [dataclasses.asdict(t) for t in targets],
+        "wall_s": wall_s,
+    }

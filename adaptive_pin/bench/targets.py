@@ -1,0 +1,125 @@
+"""The issue's targets for the default policy, each judged PASS, MISS or n/a (no data in this run).
+
+Every target is judged on its worst case: the smallest gain, the largest MPKI ratio, the
+slowest settling over the scenarios it applies to, so one PASS means every scenario passed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from adaptive_pin.bench.decision_time import DecisionTime
+from adaptive_pin.bench.runner import STATIC_BASELINES, PolicyRow, ScenarioBench
+
+SUBJECT = "cache-aware"
+PASS, MISS, NA = "PASS", "MISS", "n/a"
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    name: str
+    scope: str  # which scenarios (or host) it is judged on
+    goal: str  # e.g. ">= 1.10"
+    measured: float | None  # the worst case over the scope
+    status: str
+    detail: str  # per-scenario values
+
+
+def _row(sb: ScenarioBench, policy: str) -> PolicyRow | None:
+    return next((r for r in sb.rows if r.policy == policy), None)
+
+
+def _vs_best_static(sb: ScenarioBench) -> float | None:
+    me = _row(sb, SUBJECT)
+    statics = [r.weighted_speedup for r in sb.rows if r.policy in STATIC_BASELINES]
+    if me is None or not statics:
+        return None
+    return me.weighted_speedup / max(statics)
+
+
+def _judge(
+    name: str,
+    scope: str,
+    benches: Sequence[ScenarioBench],
+    value: Callable[[ScenarioBench], float | None],
+    bound: float,
+    higher_is_better: bool,
+) -> TargetResult:
+    per = [(sb.scenario, value(sb)) for sb in benches]
+    known = [(n, v) for n, v in per if v is not None]
+    goal = f"{'>=' if higher_is_better else '<='} {bound:g}"
+    detail = ", ".join(f"{n} {v:.3g}" for n, v in known)
+    if not known:
+        return TargetResult(name, scope, goal, None, NA, "no scenario in this run has the figure")
+    worst = min(v for _, v in known) if higher_is_better else max(v for _, v in known)
+    ok = worst >= bound if higher_is_better else worst <= bound
+    return TargetResult(name, scope, goal, worst, PASS if ok else MISS, detail)
+
+
+def _subject(fn: Callable[[PolicyRow], float | None]) -> Callable[[ScenarioBench], float | None]:
+    def value(sb: ScenarioBench) -> float | None:
+        row = _row(sb, SUBJECT)
+        return None if row is None else fn(row)
+
+    return value
+
+
+def evaluate(benches: Sequence[ScenarioBench], decision: DecisionTime | None) -> list[TargetResult]:
+    mixed = [sb for sb in benches if sb.mixed]
+    out = [
+        _judge(
+            "weighted speedup vs none", "mixed scenarios", mixed, _subject(lambda r: r.ws_vs_none), 1.10, True
+        ),
+        _judge(
+            "weighted speedup vs best static (pack, uncore, numa)",
+            "mixed scenarios",
+            mixed,
+            _vs_best_static,
+            1.05,
+            True,
+        ),
+        _judge("MPKI vs none", "mixed scenarios", mixed, _subject(lambda r: r.mpki_vs_none), 0.85, False),
+        _judge(
+            "share of the best placement",
+            "where the best is known",
+            benches,
+            _subject(lambda r: r.best_share),
+            0.97,
+            True,
+        ),
+        _judge(
+            "migrations per vCPU-hour once settled",
+            "every scenario with a steady state",
+            benches,
+            _subject(lambda r: r.steady_migrations_per_vcpu_hour),
+            1.0,
+            False,
+        ),
+        _judge(
+            "control ticks to settle after an arrival (worst arrival)",
+            "every scenario",
+            benches,
+            _subject(lambda r: r.settle_ticks_max),
+            3.0,
+            False,
+        ),
+    ]
+    timing = None if decision is None else next((p for p in decision.policies if p.policy == SUBJECT), None)
+    scope = "512 PUs x 2,048 vCPUs"
+    if timing is None or decision is None:
+        out.append(TargetResult("decision time (s)", scope, "<= 0.1", None, NA, "not measured in this run"))
+    else:
+        worst = max(timing.cold_s, timing.steady_s)
+        out.append(
+            TargetResult(
+                "decision time (s)",
+                f"{decision.pus} PUs x {decision.vcpus:,} vCPUs",
+                f"<= {decision.target_s:g}",
+                worst,
+                PASS if worst <= decision.target_s else MISS,
+                f"cold {timing.cold_s * 1e3:.1f} ms, steady {timing.steady_s * 1e3:.1f} ms "
+                f"(median of {decision.reps})",
+            )
+        )
+    return out
