@@ -25,7 +25,7 @@ demo: $(STAMP)
 	mkdir -p .demo
 	$(BIN)/adaptive-pin run --driver sim --scenario demo --interval 1 --ticks $(DEMO_TICKS) --watch \
 	    --metrics-address 127.0.0.1:19650 --log-format plain \
-	    --state-file .demo/state.json --lock-file .demo/lock 2>.demo/log
+	    --state-file $(CURDIR)/.demo/state.json --lock-file $(CURDIR)/.demo/lock 2>.demo/log
 	@echo "demo done: decisions in .demo/log; 'adaptive-pin simulate demo --policy cache-aware' scores it"
 
 test: $(STAMP)

@@ -1,0 +1,80 @@
+"""``adaptive-pin bench``: the grid's figures, the targets' verdicts, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from adaptive_pin.bench import targets
+from adaptive_pin.cli import main
+
+QUICK = ["bench", "--quick", "--scenario", "demo", "--no-decision-time"]
+
+
+def bench_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any]]:
+    rc = main([*QUICK, *argv, "--json"])
+    out, _ = capsys.readouterr()
+    return rc, json.loads(out)
+
+
+def test_rows_are_paired_against_none_in_the_same_run(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, doc = bench_json(capsys, "--policy", "cache-aware", "--policy", "pack", "--seeds", "2")
+    assert rc == 0
+    (sc,) = doc["scenarios"]
+    rows = {r["policy"]: r for r in sc["rows"]}
+    assert list(rows) == ["none", "cache-aware", "pack"]  # none always runs, first
+    none = rows["none"]
+    assert none["ws_vs_none"] == 1.0 and none["throughput_vs_none"] == 1.0 and none["mpki_vs_none"] == 1.0
+    assert none["migrations_per_vcpu_hour"] == 0.0  # no controller, no controller migrations
+    for r in rows.values():
+        assert [run["seed"] for run in r["runs"]] == [sc["rows"][0]["runs"][0]["seed"] + i for i in (0, 1)]
+    # A static policy pins every vCPU once its VM arrives: migrations are positive.
+    assert rows["pack"]["migrations_per_vcpu_hour"] > 0
+    # demo is small enough to search: the best placement bounds every policy's final placement.
+    assert sc["best"]["method"] == "exhaustive"
+    for r in rows.values():
+        assert r["best_share"] is not None and 0 < r["best_share"] <= 1.0 + 1e-9
+
+
+def test_targets_are_judged_on_what_ran(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, doc = bench_json(capsys, "--policy", "cache-aware")
+    assert rc == 0
+    by_name = {t["name"]: t for t in doc["targets"]}
+    # No static baseline ran and no decision time was measured: those say n/a, not PASS.
+    assert by_name["weighted speedup vs best static (pack, uncore, numa)"]["status"] == targets.NA
+    assert by_name["decision time (s)"]["status"] == targets.NA
+    ws = by_name["weighted speedup vs none"]
+    (sc,) = doc["scenarios"]
+    measured = next(r["ws_vs_none"] for r in sc["rows"] if r["policy"] == "cache-aware")
+    assert ws["measured"] == pytest.approx(measured)
+    assert ws["status"] == (targets.PASS if measured >= 1.10 else targets.MISS)
+
+
+def test_strict_exits_1_exactly_when_a_target_is_missed(capsys: pytest.CaptureFixture[str]) -> None:
+    _, doc = bench_json(capsys, "--policy", "cache-aware")
+    missed = any(t["status"] == targets.MISS for t in doc["targets"])
+    rc = main([*QUICK, "--policy", "cache-aware", "--strict"])
+    out, _ = capsys.readouterr()
+    assert rc == (1 if missed else 0)
+    assert "== targets" in out and "== demo" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--policy", "nope"], "--policy nope: unknown policy"),
+        (["--seeds", "0"], "--seeds: expected a positive integer"),
+        (["--scenario", "/nonexistent/x.toml"], "cannot read"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    rc = main(["bench", "--no-decision-time", *argv])
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
