@@ -23,6 +23,9 @@ class CpuListError(ValueError):
 
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+)/(\d+))?)?$")
+# The kernel's CONFIG_NR_CPUS is at most 8192 (x86 MAXSMP) and MAX_NUMNODES 1024: a number
+# beyond this is a typo or hostile input, and expanding "0-1000000000" would exhaust memory.
+CPU_LIMIT = 1 << 16
 
 
 class CpuSet:
@@ -65,6 +68,8 @@ class CpuSet:
             hi = int(m.group(2)) if m.group(2) is not None else lo
             if hi < lo:
                 raise CpuListError(f"bad cpulist {text.strip()!r}: range {part!r} runs backwards")
+            if hi >= CPU_LIMIT:
+                raise CpuListError(f"bad cpulist {text.strip()!r}: {hi} is beyond any kernel's CPU numbers")
             if m.group(3) is not None:
                 used, group = int(m.group(3)), int(m.group(4))
                 if group == 0 or used > group:
@@ -81,6 +86,8 @@ class CpuSet:
         if not body:
             return cls()
         words = body.split(",")
+        if len(words) * 32 > CPU_LIMIT:
+            raise CpuListError(f"bad cpumask: {len(words)} words, beyond any kernel's CPU numbers")
         value = 0
         for word in words:
             w = word.strip().removeprefix("0x").removeprefix("0X")

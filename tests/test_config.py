@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adaptive_pin import cli
+import policies.registry as policies_registry
+from adaptive_pin import cli, pinnability
 from adaptive_pin.config import (
     SECTIONS,
     VM_OPTIONS,
@@ -32,6 +33,7 @@ from adaptive_pin.config import (
     with_overrides,
 )
 from adaptive_pin.errors import UsageError
+from adaptive_pin.fixtures import fixture_root
 from adaptive_pin.guard import GuardSettings
 from adaptive_pin.model import CpuSet, Topology
 from adaptive_pin.verify import VerifySettings
@@ -69,7 +71,7 @@ def topo(online: str = "0-3", offline: str = "", isolated: str = "", allowed: st
 @pytest.fixture
 def any_policy_options(monkeypatch: pytest.MonkeyPatch) -> None:
     """A registry that accepts any policy options (these tests are about the config file)."""
-    registry = pytest.importorskip("policies.registry")
+    registry = policies_registry
     monkeypatch.setattr(registry, "get_policy", lambda name, **options: object())
 
 
@@ -299,7 +301,7 @@ def test_default_path_missing_means_defaults(monkeypatch: pytest.MonkeyPatch, tm
 
 
 def test_policy_options_are_judged_by_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    registry = pytest.importorskip("policies.registry")
+    registry = policies_registry
     seen: list[tuple[str, dict[str, object]]] = []
 
     def fake_get_policy(name: str, **options: object) -> object:
@@ -363,10 +365,7 @@ def test_reserved_covering_every_usable_cpu_is_an_error() -> None:
 
 
 def test_cli_check_against_a_sysfs_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    fixtures = pytest.importorskip("adaptive_pin.fixtures")
-    if "8em64t-4c2t" not in fixtures.fixture_names():
-        pytest.skip("topology fixture 8em64t-4c2t not shipped")
-    root = fixtures.fixture_root("8em64t-4c2t")  # online 0-7
+    root = fixture_root("8em64t-4c2t")  # online 0-7
     path = tmp_path / "c.toml"
     path.write_text('[host]\nreserved = "0,4"\n')
     assert cli.main(["config", "check", str(path), "--sysfs-root", str(root), "--json"]) == 0
@@ -455,7 +454,7 @@ def test_conversions_to_the_settings_objects() -> None:
 
 
 def test_pinnability_rules() -> None:
-    pin = pytest.importorskip("adaptive_pin.pinnability")
+    pin = pinnability
     c = parse_config(
         '[pinnability]\ndefault = "off"\nmanage_orchestrator_pinned = true\n'
         '[[pinnability.vm]]\nname = "db1"\nmode = "off"\n'

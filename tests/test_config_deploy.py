@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from adaptive_pin.config import DEFAULT_PATH, Config
+from tests.conftest import require
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "adaptive-pin.service"
@@ -44,12 +43,11 @@ def test_unit_grants_what_pinning_and_perf_need() -> None:
 
 def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze not installed")
+    require(analyze is not None, "systemd-analyze not installed (Debian package systemd)")
+    assert analyze is not None
     # verify wants ExecStart to exist: point it at this checkout's entry point.
     exe = Path(sys.executable).with_name("adaptive-pin")
-    if not exe.exists():
-        pytest.skip(f"{exe} not installed")
+    assert exe.exists(), f"{exe}: the project is not installed in this interpreter's environment"
     unit = tmp_path / "adaptive-pin.service"
     unit.write_text(UNIT.read_text().replace("/usr/local/bin/adaptive-pin", str(exe)))
     proc = subprocess.run(

@@ -121,6 +121,20 @@ def test_parse_rejects_malformed_lists(text: str) -> None:
         CpuSet.parse(text)
 
 
+@pytest.mark.parametrize("text", ["0-1000000000", "65536", "0,70000-70001"])
+def test_parse_rejects_numbers_no_kernel_has_before_expanding_them(text: str) -> None:
+    # "0-1000000000" used to build a billion-element set (OOM) before anything complained.
+    with pytest.raises(CpuListError, match="beyond any kernel's CPU numbers"):
+        CpuSet.parse(text)
+    assert CpuSet.parse("0-65535") == CpuSet(range(65536))  # the largest accepted
+
+
+def test_parse_mask_rejects_masks_wider_than_any_kernel() -> None:
+    with pytest.raises(CpuListError, match="beyond any kernel's CPU numbers"):
+        CpuSet.parse_mask(",".join(["ffffffff"] * 2049))
+    assert len(CpuSet.parse_mask(",".join(["ffffffff"] * 2048))) == 65536
+
+
 @pytest.mark.parametrize("text", ["xyz", "123456789", "ff,,00", "0x"])
 def test_parse_mask_rejects_malformed_masks(text: str) -> None:
     with pytest.raises(CpuListError, match="bad cpumask"):

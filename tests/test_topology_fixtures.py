@@ -66,12 +66,13 @@ def _expected(name: str) -> dict[str, Any]:
     return expected(name)
 
 
-def test_every_tree_is_shipped_and_nothing_else() -> None:
-    assert fixture_names() == sorted(SHIPPED)
+def test_every_tree_of_the_issue_is_shipped() -> None:
+    # A tree added to the folder (with its expected.json) is compared below like the rest.
+    assert set(SHIPPED) <= set(fixture_names())
 
 
 @pytest.mark.parametrize("group", sorted(KEY_GROUPS))
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", fixture_names())
 def test_matches_hwloc(name: str, group: str) -> None:
     got = topology_to_json(_read(name))
     want = _expected(name)
