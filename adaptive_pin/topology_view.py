@@ -88,11 +88,12 @@ def _pu_label(topo: Topology, cpu: int) -> str:
 
 def _core_line(topo: Topology, core: CpuSet) -> str:
     l2 = _domain_containing(topo.l2, core.first())
-    l2_text = (
-        f"  [L2 {format_size(l2.size_bytes)}: {l2.cpus}]"
-        if l2 is not None and len(l2.cpus) > len(core)
-        else ""
-    )
+    if l2 is None:
+        l2_text = ""
+    elif len(l2.cpus) > len(core):  # shared by cores: Bulldozer modules, E-core clusters
+        l2_text = f"  [L2 {format_size(l2.size_bytes)}: {l2.cpus}]"
+    else:
+        l2_text = f"  [L2 {format_size(l2.size_bytes)}]"
     pus = ", ".join(_pu_label(topo, c) for c in core)
     return f"Core {core.first()}: {pus}{l2_text}"
 
@@ -104,13 +105,18 @@ def _domain_containing(domains: Iterable[CacheDomain], cpu: int) -> CacheDomain 
     return None
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def topology_to_text(topo: Topology, source: str | None = None) -> str:
     """The tree ``lstopo`` users expect: package > NUMA node > L3 > core > PUs."""
     lines: list[str] = []
     online = topo.online
     summary = (
-        f"{len(topo.pus)} PUs online ({online}), {len(topo.cores)} cores, {len(topo.packages)} packages, "
-        f"{len(topo.numa_nodes)} NUMA nodes, {len(topo.llc)} LLC domains"
+        f"{_count(len(topo.pus), 'PU')} online ({online}), {_count(len(topo.cores), 'core')}, "
+        f"{_count(len(topo.packages), 'package')}, {_count(len(topo.numa_nodes), 'NUMA node')}, "
+        f"{_count(len(topo.llc), 'LLC domain')}"
         + (" (the packages: no L3 in sysfs)" if topo.llc_source == "package" else " (L3)")
     )
     lines.append(f"Host topology from {source or topo.root}")

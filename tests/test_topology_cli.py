@@ -87,7 +87,7 @@ def test_text_tree_nests_package_node_l3_core(capsys: pytest.CaptureFixture[str]
     pkg = next(i for i, line in enumerate(lines) if line.startswith("Package P#0"))
     assert lines[pkg + 1].startswith("  NUMA node 0")
     assert lines[pkg + 2].startswith("    L3 #0 8 MiB (0-7)")
-    assert lines[pkg + 3] == "      Core 0: PU 0, PU 4"
+    assert lines[pkg + 3] == "      Core 0: PU 0, PU 4  [L2 256 KiB]"  # private L2: its size only
 
 
 def test_help_teaches_with_examples(capsys: pytest.CaptureFixture[str]) -> None:

@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         reserved = CpuSet.parse(args.reserved)
     except CpuListError as exc:
         raise UsageError(f"--reserved: {exc}") from None
+    if args.sysfs_root == "":
+        raise UsageError("--sysfs-root: empty path (leave the option out to read this host's /sys)")
     root = fixture_root(args.fixture) if args.fixture else (args.sysfs_root or "/")
     topo = read_topology(root, reserved=reserved)
     if args.json:
