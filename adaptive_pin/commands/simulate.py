@@ -9,7 +9,7 @@ from typing import Any
 
 from adaptive_pin.errors import UsageError
 from adaptive_pin.sim.runner import SimResult, run_scenario
-from adaptive_pin.sim.scenario import shipped_scenarios
+from adaptive_pin.sim.scenario import MAX_TICKS, load_scenario, shipped_scenarios, with_run_overrides
 
 ORDER = 60
 
@@ -32,6 +32,7 @@ EPILOG = """\
 examples:
   adaptive-pin simulate demo                         the unpinned baseline of scenarios/demo.toml
   adaptive-pin simulate demo --policy cache-aware    the same under the default policy
+  adaptive-pin simulate demo --policy cache-aware --option enter=0.02   a policy option
   adaptive-pin simulate scenarios/churn.toml --policy numa --json > run.json
   adaptive-pin simulate demo --policy cache-aware --plot demo.png
   adaptive-pin simulate demo --policy cache-aware --no-pmu   as on a host without a PMU
@@ -59,12 +60,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a policy option (repeatable), e.g. --option hysteresis=0.2",
+        help="a policy option (repeatable), e.g. --option enter=0.02 (cache-aware)",
     )
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw miss rate, throughput and migrations over time")
-    p.add_argument("--seed", type=int, help="override the scenario's RNG seed")
-    p.add_argument("--duration", type=float, metavar="SECONDS", help="override the scenario's duration")
+    p.add_argument("--seed", type=int, help="override the scenario's RNG seed (an integer >= 0)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        metavar="SECONDS",
+        help=f"override the scenario's duration (> 0, at most {MAX_TICKS} ticks)",
+    )
     p.add_argument(
         "--no-pmu",
         action="store_true",
@@ -84,15 +90,22 @@ def _options(pairs: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.duration is not None and not args.duration > 0:
-        raise UsageError(f"--duration: expected a positive number of seconds, got {args.duration}")
+    if args.plot:  # before the run: a bad file name or a missing matplotlib fails at once
+        from adaptive_pin.sim.plot import check_plot_path
+
+        check_plot_path(args.plot)
+    scenario = with_run_overrides(
+        load_scenario(args.scenario),
+        seed=args.seed,
+        duration=args.duration,
+        seed_key="--seed",
+        duration_key="--duration",
+    )
     result = run_scenario(
-        args.scenario,
+        scenario,
         args.policy,
         policy_options=_options(args.option),
         hide=("pmu",) if args.no_pmu else (),
-        seed=args.seed,
-        duration=args.duration,
     )
     if args.plot:
         from adaptive_pin.sim.plot import plot_result

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from adaptive_pin.errors import GuestGoneError, PinError, UsageError
+from adaptive_pin.errors import GuestGoneError, PinError, TopologyError, UsageError
 from adaptive_pin.model import (
     CPU_MIGRATIONS,
     CPU_TIME,
@@ -52,7 +52,13 @@ KNOTS = 8  # curve knots per thread in the vectorised interpolation (the shipped
 
 
 def load_host_topology(spec: HostSpec) -> Topology:
-    """The scenario's host: a fixture by name, a sysfs tree by path, or a synthetic one."""
+    """The scenario's host: a fixture by name, a sysfs tree by path, or a synthetic one.
+
+    A relative ``topology`` path is taken relative to the scenario file's directory
+    (``spec.base_dir``), like ``curves``; a name that is no such directory is a fixture name.
+    Every error names the scenario file (``spec.origin``) and the key.
+    """
+    at = f"{spec.origin}: " if spec.origin else ""
     if spec.synthetic is not None:
         s = spec.synthetic
         topo = synthetic_topology(
@@ -65,25 +71,36 @@ def load_host_topology(spec: HostSpec) -> Topology:
         )
         if not spec.reserved <= topo.online:
             raise UsageError(
-                f"host.reserved: CPUs {spec.reserved - topo.online} are not on the synthetic host"
+                f"{at}host.reserved: CPUs {spec.reserved - topo.online} are not on the synthetic host"
             )
         return topo.with_reserved(spec.reserved)
     assert spec.topology is not None
     from adaptive_pin.topology import read_topology
 
-    root = Path(spec.topology)
+    root = Path(spec.topology).expanduser()
+    if not root.is_absolute() and spec.base_dir is not None:
+        root = spec.base_dir / root
     if not root.is_dir():
         try:
             from adaptive_pin.fixtures import fixture_names, fixture_root
         except ImportError:  # pragma: no cover - the fixtures module ships with the package
-            raise UsageError(f"host.topology: {spec.topology!r} is not a directory") from None
+            raise UsageError(f"{at}host.topology: {spec.topology!r} is not a directory") from None
         if spec.topology not in fixture_names():
             raise UsageError(
-                f"host.topology: {spec.topology!r} is neither a sysfs tree nor a fixture "
-                f"(fixtures: {', '.join(fixture_names())})"
+                f"{at}host.topology: {spec.topology!r} is neither a sysfs tree ({root} is no "
+                f"directory) nor a fixture (fixtures: {', '.join(fixture_names())})"
             )
         root = fixture_root(spec.topology)
-    return read_topology(root, reserved=spec.reserved)
+    try:
+        topo = read_topology(root)
+    except TopologyError as exc:
+        raise UsageError(f"{at}host.topology: {exc}") from None
+    if not spec.reserved <= topo.online:
+        raise UsageError(
+            f"{at}host.reserved: CPUs {spec.reserved - topo.online} are not online on this host "
+            f"(online: {topo.online})"
+        )
+    return topo.with_reserved(spec.reserved)
 
 
 def clock_ghz(topology: Topology) -> float:

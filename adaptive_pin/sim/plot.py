@@ -3,20 +3,44 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from adaptive_pin.errors import UsageError
 from adaptive_pin.sim.runner import SimResult
 
 
-def plot_result(result: SimResult, path: str | Path) -> None:
-    """Write a PNG (matplotlib, Agg backend: no display needed)."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'adaptive-pin[plot]'") from None
+        raise UsageError(
+            "--plot needs matplotlib, in the 'plot' extra: pip install 'adaptive-pin[plot]'"
+        ) from None
+    return plt
+
+
+def check_plot_path(path: str | Path) -> None:
+    """Fail early (before a run) unless matplotlib is there and ``path`` names a format it writes."""
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        got = f"'.{suffix}'" if suffix else "no extension"
+        raise UsageError(
+            f"--plot {path}: expected a file name ending in a format matplotlib writes "
+            f"(.png, .svg, .pdf, ...: {', '.join(sorted(formats))}), got {got}"
+        )
+
+
+def plot_result(result: SimResult, path: str | Path) -> None:
+    """Write a PNG (or any format its extension names; matplotlib, Agg backend: no display)."""
+    check_plot_path(path)
+    plt = _pyplot()
     s = result.series
     if not s.time:
         raise UsageError("nothing to plot: the run kept no time series")
@@ -76,5 +100,8 @@ def plot_result(result: SimResult, path: str | Path) -> None:
         fig.savefig(path, dpi=110)
     except OSError as exc:
         raise UsageError(f"{path}: cannot write the plot: {exc.strerror or exc}") from None
+    except (ValueError, RuntimeError) as exc:  # a format matplotlib lists but cannot write here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{path}: cannot write the plot: {first}") from None
     finally:
         plt.close(fig)

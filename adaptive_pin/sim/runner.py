@@ -7,16 +7,14 @@ The controller and the policy are the production ones; only the host is simulate
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adaptive_pin.errors import UsageError
 from adaptive_pin.sim.host import SimHost, TickStats
-from adaptive_pin.sim.scenario import Scenario, load_scenario
+from adaptive_pin.sim.scenario import Scenario, check_controller, load_scenario, with_run_overrides
 
 
 @dataclass(frozen=True)
@@ -95,37 +93,21 @@ class SimResult:
 
 
 def _settings(scenario: Scenario, overrides: Mapping[str, Any]) -> Any:
-    """ControllerSettings from the scenario's [controller] table (+ overrides), checked."""
-    from adaptive_pin.controller import ControllerSettings
+    """ControllerSettings from the scenario's [controller] table (+ overrides), checked.
 
-    raw = {**scenario.controller, **overrides}
-    known = {f.name: f for f in dataclasses.fields(ControllerSettings)}
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        where = f"{scenario.origin}: controller.{key}"
-        if key not in known:
-            raise UsageError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
-        default = getattr(ControllerSettings(), key)
-        if dataclasses.is_dataclass(default) and not isinstance(default, type):
-            if not isinstance(value, dict):
-                raise UsageError(f"{where}: expected a table")
-            sub = {f.name for f in dataclasses.fields(default)}
-            bad = sorted(set(value) - sub)
-            if bad:
-                raise UsageError(f"{where}.{bad[0]}: unknown key (known: {', '.join(sorted(sub))})")
-            try:
-                tuned = dataclasses.replace(default, **value)
-                if hasattr(tuned, "validate"):
-                    tuned.validate()
-            except (TypeError, ValueError) as exc:
-                raise UsageError(f"{where}: {exc}") from None
-            kwargs[key] = tuned
-            continue
-        elif isinstance(default, bool) != isinstance(value, bool) or not isinstance(
-            value, type(default) | int
-        ):
-            raise UsageError(f"{where}: expected {type(default).__name__}, got {value!r}")
-        kwargs[key] = value
+    The table was checked when the scenario was loaded; overrides are checked by the same
+    rule (``check_controller``), so a bad one names the key like a bad file would.
+    """
+    from adaptive_pin.controller import ControllerSettings
+    from adaptive_pin.guard import GuardSettings
+    from adaptive_pin.verify import VerifySettings
+
+    raw = check_controller({**scenario.controller, **overrides}, f"{scenario.origin}: controller")
+    kwargs: dict[str, Any] = dict(raw)
+    if "guard" in raw:
+        kwargs["guard"] = GuardSettings(**raw["guard"])
+    if "verify" in raw:
+        kwargs["verify"] = VerifySettings(**raw["verify"])
     return ControllerSettings(**kwargs)
 
 
@@ -146,8 +128,7 @@ def run_scenario(
     [controller] table; ``hide=("pmu",)`` runs the controller without hardware counters.
     """
     sc = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
-    if seed is not None or duration is not None:
-        sc = dataclasses.replace(sc, seed=sc.seed if seed is None else seed, duration=duration or sc.duration)
+    sc = with_run_overrides(sc, seed=seed, duration=duration)
     wall0 = time.perf_counter()
     host = SimHost(sc)
     hide = list(hide)

@@ -29,6 +29,7 @@ from adaptive_pin.sim.workloads import (
 # finds scenarios/demo.toml.
 SCENARIO_DIR = Path(__file__).resolve().parents[1] / "data" / "scenarios"
 PIN_MODES = ("auto", "off")
+MAX_TICKS = 100_000  # a run's length in ticks, from the file or from --duration
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ class HostSpec:
     llc_mib: float | None = None  # override every LLC domain's size
     ghz: float | None = None  # override the clock read from proc/cpuinfo
     synthetic: SyntheticHost | None = None
+    # A relative ``topology`` path is relative to the scenario file's directory (as ``curves``
+    # are); ``origin`` names that file in host errors. None/"": the current directory, no name.
+    base_dir: Path | None = None
+    origin: str = ""
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,16 @@ def _show(value: Any) -> str:
         return repr(value)
 
 
+def _finite(value: Any) -> bool:
+    """A TOML/Python number that is a finite float (ints beyond float range are not)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int of hundreds of digits
+        return False
+
+
 class _Reader:
     def __init__(self, origin: str) -> None:
         self.origin = origin
@@ -128,7 +143,7 @@ class _Reader:
         return value
 
     def number(self, value: Any, path: str, *, positive: bool = False, at_most: float | None = None) -> float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        ok = _finite(value)
         if ok and positive:
             ok = value > 0
         elif ok:
@@ -171,7 +186,9 @@ def load_scenario(path: str | Path) -> Scenario:
         raw = p.read_bytes()
     except OSError as exc:
         raise UsageError(f"{p}: cannot read: {exc.strerror or exc}") from None
-    return loads_scenario(raw, origin=p.name, base_dir=p.parent, default_name=p.stem)
+    # Messages name the file as the operator gave it; a shipped scenario by its file name.
+    origin = str(path) if p == Path(path) else p.name
+    return loads_scenario(raw, origin=origin, base_dir=p.parent, default_name=p.stem)
 
 
 def resolve_scenario_path(path: str | Path) -> Path:
@@ -228,12 +245,11 @@ def parse_scenario(data: Mapping[str, Any], origin: str, base_dir: Path, default
     tick = r.number(data.get("tick", 1.0), "tick", positive=True)
     if tick > duration:
         raise r.fail("tick", f"must not exceed duration ({duration:g} s)", tick)
-    if duration / tick > 100_000:
-        raise r.fail("duration", f"more than 100000 ticks of {tick:g} s", duration)
-    seed = r.integer(data.get("seed", 0), "seed", positive=False)
+    check_duration(duration, tick, f"{origin}: duration")
+    seed = check_seed(data.get("seed", 0), f"{origin}: seed")
 
-    host = _host(r, data.get("host"))
-    controller = r.table(data.get("controller", {}), "controller")
+    host = _host(r, data.get("host"), base_dir)
+    controller = check_controller(data.get("controller", {}), f"{origin}: controller")
     workloads = _workloads(r, data, base_dir)
     vms = _vms(r, data.get("vms"), workloads)
     used = {v.workload for v in vms} | {p.workload for v in vms for p in v.phases}
@@ -251,7 +267,111 @@ def parse_scenario(data: Mapping[str, Any], origin: str, base_dir: Path, default
     )
 
 
-def _host(r: _Reader, value: Any) -> HostSpec:
+# --- rules shared by the file and by the overrides of a run (--seed, --duration, controller=) ---
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, float) and (not math.isfinite(value) or value.is_integer()):
+        return f"{value:g}"  # inf, nan, -1, 1e+09: as TOML and the command line write them
+    return _show(value)
+
+
+def check_duration(value: Any, tick: float, where: str) -> float:
+    """A run's length in seconds: finite, at least one ``tick`` and at most MAX_TICKS ticks.
+
+    The one rule for the file's ``duration`` and for ``--duration``/``run_scenario(duration=)``;
+    ``where`` prefixes the message (``demo.toml: duration``, ``--duration``).
+    """
+    if not _finite(value) or not value > 0:
+        raise UsageError(f"{where}: expected a positive number, got {_shown(value)}")
+    if value < tick:
+        raise UsageError(f"{where}: shorter than one tick ({tick:g} s), got {_shown(value)}")
+    if value / tick > MAX_TICKS:
+        raise UsageError(f"{where}: more than {MAX_TICKS} ticks of {tick:g} s, got {_shown(value)}")
+    return float(value)
+
+
+def check_seed(value: Any, where: str) -> int:
+    """The RNG seed: a non-negative integer (numpy's default_rng refuses negative ones)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UsageError(f"{where}: expected a non-negative integer, got {_shown(value)}")
+    return value
+
+
+def with_run_overrides(
+    sc: Scenario,
+    *,
+    seed: Any = None,
+    duration: Any = None,
+    seed_key: str = "seed",
+    duration_key: str = "duration",
+) -> Scenario:
+    """``sc`` with its seed and/or duration replaced (None: keep), checked as in the file.
+
+    Errors are prefixed by ``seed_key``/``duration_key`` (the CLI passes its flag names).
+    """
+    if seed is None and duration is None:
+        return sc
+    return replace(
+        sc,
+        seed=sc.seed if seed is None else check_seed(seed, seed_key),
+        duration=sc.duration if duration is None else check_duration(duration, sc.tick, duration_key),
+    )
+
+
+def check_controller(value: Any, where: str) -> dict[str, Any]:
+    """Validate a scenario's ``[controller]`` table: ControllerSettings keywords, typed and in range.
+
+    Each key is checked by the rule the configuration file applies to the same setting
+    (``adaptive_pin.config.SECTIONS``: ``[controller]``, ``[guard]``, ``[verify]``), then the
+    guard's and verifier's own ``validate()``. Returns the converted table (same shape).
+    ``where`` names the table (``demo.toml: controller``).
+    """
+    import dataclasses
+
+    from adaptive_pin.config import SECTIONS
+    from adaptive_pin.controller import ControllerSettings
+
+    if not isinstance(value, dict):
+        raise UsageError(f"{where}: expected a table, got {_shown(value)}")
+    rules = {sec.name: {o.key: o.check for o in sec.options} for sec in SECTIONS}
+    defaults = ControllerSettings()
+    known = [f.name for f in dataclasses.fields(ControllerSettings)]
+
+    def checked(rule: Any, item: Any, path: str) -> Any:
+        try:
+            return rule.convert(item)
+        except (TypeError, ValueError, OverflowError):  # Overflow: an int too big for a float
+            raise UsageError(f"{path}: expected {rule.expected}, got {_shown(item)}") from None
+
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        path = f"{where}.{key}"
+        if key not in known:
+            raise UsageError(f"{path}: unknown key (known: {', '.join(sorted(known))})")
+        default = getattr(defaults, key)
+        if not dataclasses.is_dataclass(default) or isinstance(default, type):
+            out[key] = checked(rules["controller"][key], item, path)
+            continue
+        if not isinstance(item, dict):
+            raise UsageError(f"{path}: expected a table, got {_shown(item)}")
+        sub = rules[key]  # [controller.guard] -> the config's [guard] rules, likewise verify
+        table: dict[str, Any] = {}
+        for k, v in item.items():
+            if k not in sub:
+                raise UsageError(f"{path}.{k}: unknown key (known: {', '.join(sorted(sub))})")
+            table[k] = checked(sub[k], v, f"{path}.{k}")
+        tuned: Any = dataclasses.replace(default, **table)
+        try:
+            if hasattr(tuned, "validate"):
+                tuned.validate()  # the settings' own cross-field rules, as the config file runs them
+        except ValueError as exc:
+            raise UsageError(f"{path}: {exc}") from None
+        out[key] = table
+    return out
+
+
+def _host(r: _Reader, value: Any, base_dir: Path) -> HostSpec:
     if value is None:
         raise r.fail("host", "missing: a [host] table with topology = <fixture name or sysfs path>")
     t = r.table(value, "host")
@@ -289,6 +409,8 @@ def _host(r: _Reader, value: Any) -> HostSpec:
         llc_mib=r.number(t["llc_mib"], "host.llc_mib", positive=True) if "llc_mib" in t else None,
         ghz=r.number(t["ghz"], "host.ghz", positive=True, at_most=10.0) if "ghz" in t else None,
         synthetic=synthetic,
+        base_dir=base_dir,
+        origin=r.origin,
     )
 
 
