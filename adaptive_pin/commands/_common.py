@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from adaptive_pin.drivers.base import Driver, open_driver
@@ -13,7 +14,9 @@ DRIVER_CHOICES = ("auto", "libvirt", "qemu", "sim")
 
 DRIVER_HELP_EPILOG = """\
 Drivers:
-  auto     libvirt when its socket answers, else plain QEMU (the default)
+  auto     the default: when libvirt's socket answers, its domains plus the plain QEMU
+           processes libvirt does not manage; else plain QEMU alone. With --libvirt-uri,
+           libvirt at that URI (its connect error, if any, is the answer)
   libvirt  running libvirt domains; pins through libvirt (its cgroups agree)
   qemu     qemu-system-* processes; vCPU threads by name (-name ...,debug-threads=on) or QMP
   sim      the simulator (--scenario FILE, or its built-in default scenario)
@@ -38,6 +41,17 @@ def add_driver_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scenario", metavar="FILE", help="simulator scenario file (with --driver sim)")
 
 
+def seconds(text: str) -> float:
+    """argparse type: a finite number of seconds >= 0 (``nan``, ``inf``, ``-1`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number of seconds >= 0")
+    return value
+
+
 def parse_qmp(items: list[str]) -> dict[str, str]:
     sockets: dict[str, str] = {}
     for item in items:
@@ -56,15 +70,10 @@ def open_driver_from_args(args: argparse.Namespace, rules: PinnabilityRules | No
     scenario: str | None = args.scenario
     if scenario is not None and name != "sim":
         raise UsageError("--scenario needs --driver sim")
-    if name == "auto":
-        from adaptive_pin.drivers import libvirt
-
-        name = "libvirt" if libvirt.available(uri) else "qemu"
-        if name == "libvirt" and qmp:
-            raise UsageError(
-                f"--qmp applies to plain QEMU, but libvirt answers at {uri or libvirt.DEFAULT_URI}: "
-                "add --driver qemu"
-            )
+    if name == "auto" and uri is not None:
+        name = "libvirt"  # a URI names libvirt: fail with its connect error, not a plain-QEMU guess
+    if name == "auto":  # --qmp names plain QEMU guests, which auto lists beside libvirt's
+        return open_driver("auto", qmp_sockets=qmp, rules=rules)
     if uri is not None and name != "libvirt":
         raise UsageError(f"--libvirt-uri applies to --driver libvirt, not {name}")
     if qmp and name != "qemu":

@@ -10,7 +10,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from adaptive_pin.commands._common import DRIVER_HELP_EPILOG, add_driver_arguments, open_driver_from_args
+from adaptive_pin.commands._common import (
+    DRIVER_HELP_EPILOG,
+    add_driver_arguments,
+    open_driver_from_args,
+    seconds,
+)
 from adaptive_pin.drivers.base import Driver
 from adaptive_pin.errors import UsageError
 from adaptive_pin.live_table import NO_PMU
@@ -22,8 +27,10 @@ ORDER = 20
 
 DESCRIPTION = """\
 Show the running guests one driver sees: each vCPU's host thread, the CPUs it may run on,
-the CPU it last ran on (/proc/<pid>/task/<tid>/stat field 39), and whether adaptive-pin may
-move it, with the source of that answer (config, metadata, orchestrator, default).
+the CPU it last ran on (/proc/<pid>/task/<tid>/stat field 39), the NUMA nodes holding the
+guest's memory where known (libvirt <numatune>, else /proc/<pid>/numa_maps: nodes with >= 10%
+of its pages), and whether adaptive-pin may move it, with the source of that answer (config,
+metadata, orchestrator, default).
 With --sample (default 1 s) it also measures each vCPU's rates over that interval: CPU
 utilization, LLC misses per kilo-instruction, IPC and run-queue delay, or "n/a: no PMU" where
 the host has no hardware counters. --watch keeps a live table on the terminal.
@@ -32,7 +39,7 @@ Per-guest problems are listed and do not fail the command; exit 1 only when the 
 
 EPILOG = f"""\
 Examples:
-  adaptive-pin status                              libvirt if it answers, else plain QEMU
+  adaptive-pin status                              libvirt domains + other QEMUs (else plain QEMU)
   adaptive-pin status --driver qemu --qmp web1=/run/qemu/web1.qmp
   adaptive-pin status --driver libvirt --libvirt-uri qemu:///session --json
   adaptive-pin status --driver sim --scenario my-host.toml
@@ -78,6 +85,7 @@ COLUMNS: list[Column] = [
     Column("TID", lambda r: _opt(r.vcpu and r.vcpu.tid), right=True),
     Column("ALLOWED", lambda r: "-" if r.vcpu is None else r.vcpu.affinity.to_list() or "(none)"),
     Column("LAST", lambda r: _opt(r.vcpu and r.vcpu.last_cpu), right=True),
+    Column("MEMNODES", lambda r: "-" if r.guest.memory_nodes is None else r.guest.memory_nodes.to_list()),
     Column("MANAGED", lambda r: "yes" if r.guest.pinnability.managed else "no"),
     Column("SOURCE", lambda r: r.guest.pinnability.source.value),
     Column("NOTE", _note),
@@ -113,6 +121,7 @@ def guest_json(guest: Guest) -> dict[str, Any]:
         "name": guest.name,
         "driver": guest.driver,
         "pid": guest.pid,
+        "memory_nodes": None if guest.memory_nodes is None else guest.memory_nodes.to_list(),
         "orchestrator_pinned": guest.orchestrator_pinned,
         "problem": guest.problem,
         "pinnability": {
@@ -161,12 +170,46 @@ def _rate_cell(name: str, fmt: str) -> Callable[[StatusRow], str]:
     return cell
 
 
-RATE_COLUMNS: tuple[Column, ...] = (
-    Column("UTIL", _rate_cell("utilization", ".0%"), right=True),
-    Column("MPKI", _rate_cell("mpki", ".2f"), right=True),
-    Column("IPC", _rate_cell("ipc", ".2f"), right=True),
-    Column("DELAY", _rate_cell("run_delay", ".1%"), right=True),
+RATE_FIELDS = (
+    ("UTIL", "utilization", ".0%"),
+    ("MPKI", "mpki", ".2f"),
+    ("IPC", "ipc", ".2f"),
+    ("DELAY", "run_delay", ".1%"),
 )
+RATE_COLUMNS: tuple[Column, ...] = tuple(
+    Column(header, _rate_cell(name, fmt), right=True) for header, name, fmt in RATE_FIELDS
+)
+NOT_SAMPLED = "no rates for this vCPU (its thread was not sampled)"
+
+
+def rate_gaps(rows: Sequence[StatusRow]) -> list[str]:
+    """Why rate cells show "-": one line per reason, with the columns and vCPUs it covers.
+
+    "n/a: no PMU" cells explain themselves and the capabilities lines say why; every other
+    missing rate (e.g. "warming up") is listed here so text says what JSON says.
+    """
+    gaps: dict[str, tuple[list[str], set[VCpuKey]]] = {}
+    for r in rows:
+        if r.vcpu is None:
+            continue
+        key = (r.guest.id, r.vcpu.index)
+        for header, name, _ in RATE_FIELDS:
+            if r.rates is None:
+                why = NOT_SAMPLED
+            elif getattr(r.rates, name) is not None:
+                continue
+            else:
+                why = r.rates.missing.get(name) or "unknown"
+                if why.startswith("no PMU"):
+                    continue
+            headers, keys = gaps.setdefault(why, ([], set()))
+            if header not in headers:
+                headers.append(header)
+            keys.add(key)
+    return [
+        f"  -: {why} ({', '.join(headers)}; {len(keys)} vCPU{'s' if len(keys) != 1 else ''})"
+        for why, (headers, keys) in sorted(gaps.items())
+    ]
 
 
 def rates_json(rates: VCpuRates | None) -> dict[str, Any] | None:
@@ -231,6 +274,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"driver {driver.name}: {n} guest{'s' if n != 1 else ''}, rates over {args.sample:g}s")
     if rows:
         print(render_table(rows, (*COLUMNS[:-1], *RATE_COLUMNS, COLUMNS[-1])))
+    for line in rate_gaps(rows):
+        print(line)
     missing = {k: v for k, v in result.capabilities.items() if v}
     for counter, why in sorted(missing.items()):
         print(f"  {counter}: n/a: {why}")
@@ -268,7 +313,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
         "--sample",
-        type=float,
+        type=seconds,
         default=1.0,
         metavar="SECONDS",
         help="measure rates (util, MPKI, IPC, run delay) over this long; 0: inventory only (default 1)",

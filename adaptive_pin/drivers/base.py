@@ -39,6 +39,9 @@ DRIVERS: Mapping[str, str] = {
 }
 
 
+AUTO = "adaptive_pin.drivers.auto:CompositeDriver"
+
+
 def _load(spec: str) -> Callable[..., Driver]:
     module, _, attr = spec.partition(":")
     factory: Callable[..., Driver] = getattr(importlib.import_module(module), attr)
@@ -46,11 +49,19 @@ def _load(spec: str) -> Callable[..., Driver]:
 
 
 def open_driver(name: str, **options: Any) -> Driver:
-    """Open a driver by name; ``auto`` is libvirt when its socket answers, else plain QEMU."""
+    """Open a driver by name.
+
+    ``auto`` takes ``uri``, ``qmp_sockets`` and ``rules``: when libvirt's socket answers, the
+    composite driver (libvirt's domains plus the plain QEMUs libvirt does not manage, see
+    :mod:`adaptive_pin.drivers.auto`); else plain QEMU alone.
+    """
     if name == "auto":
         from adaptive_pin.drivers.libvirt import available
 
-        name = "libvirt" if available(options.get("uri")) else "qemu"
+        if available(options.get("uri")):
+            return _load(AUTO)(**options)
+        name = "qemu"
+        options = {k: v for k, v in options.items() if k != "uri"}
     if name not in DRIVERS:
         raise UsageError(f"unknown driver {name!r}: choose one of auto, {', '.join(DRIVERS)}")
     return _load(DRIVERS[name])(**options)

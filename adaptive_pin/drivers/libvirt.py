@@ -14,6 +14,9 @@ Orchestrator pinning: a ``<cputune><vcpupin>`` or ``<vcpu cpuset=...>`` in the p
 definition (Nova writes them there). A transient domain has only its live definition, which
 also shows this driver's own live pins; pins that match what this process applied are ignored.
 
+Memory NUMA nodes: the live ``<numatune>`` nodeset (every mode), else where the QEMU process's
+pages are (``/proc/<pid>/numa_maps``, read at most every ``numa_refresh_s``: see :mod:`._numa`).
+
 Events: lifecycle (started/stopped), metadata change, and tunable change (someone else
 re-pinned a vCPU) through libvirt's default event loop, run by one daemon thread per process.
 When libvirtd goes away the close callback marks the connection lost; ``inventory`` and ``pin``
@@ -38,7 +41,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import psutil
 
-from adaptive_pin.drivers import _threads
+from adaptive_pin.drivers import _numa, _threads
 from adaptive_pin.drivers.qemu import is_qemu, parse_cmdline
 from adaptive_pin.errors import DriverError, GuestGoneError, PinError
 from adaptive_pin.model import CpuSet, EventKind, Guest, GuestEvent, Inventory, Pinnability, VCpu
@@ -220,6 +223,7 @@ def xml_metadata(root: ET.Element) -> str | None:
 class _Described:
     pinnability: Pinnability
     orchestrator_pinned: bool
+    memory_nodes: CpuSet | None  # from <numatune>, None when the domain sets none
 
 
 # --------------------------------------------------------------------------------------
@@ -228,11 +232,17 @@ class _Described:
 
 
 class LibvirtDriver:
-    """Options: ``uri`` (default qemu:///system), ``rules`` (:class:`PinnabilityRules`)."""
+    """Options: ``uri`` (default qemu:///system), ``rules`` (:class:`PinnabilityRules`),
+    ``numa_refresh_s`` (how often a guest's /proc/<pid>/numa_maps may be re-read)."""
 
     name = "libvirt"
 
-    def __init__(self, uri: str | None = None, rules: PinnabilityRules | None = None) -> None:
+    def __init__(
+        self,
+        uri: str | None = None,
+        rules: PinnabilityRules | None = None,
+        numa_refresh_s: float = _numa.REFRESH_S,
+    ) -> None:
         self.uri = uri or DEFAULT_URI
         if socket_paths(self.uri) is None and urlsplit(self.uri).hostname not in ("localhost", "127.0.0.1"):
             raise DriverError(
@@ -248,6 +258,8 @@ class LibvirtDriver:
         self._backoff = Backoff()
         self._events: queue.Queue[GuestEvent] = queue.Queue()
         self._own_pins: dict[str, dict[int, CpuSet]] = {}  # guest uuid -> vCPU -> CPUs we applied
+        # numa_maps is costly on big guests: read at most every numa_refresh_s (see _numa).
+        self._numa_maps = _numa.NumaMapsCache(numa_refresh_s)
         self._connect()
 
     # --- connection ----------------------------------------------------------------------
@@ -404,6 +416,7 @@ class LibvirtDriver:
                     errors[label] = f"{label}: {exc.get_error_message()}"
             except (OSError, UnsafeXmlError, DriverError) as exc:
                 errors[label] = f"{label}: {exc}"
+        self._numa_maps.forget_except(g.pid for g in guests if g.pid is not None)
         return Inventory(guests=tuple(guests), errors=errors, time=time.monotonic())
 
     def _describe(self, dom: Any) -> _Described:
@@ -428,7 +441,7 @@ class LibvirtDriver:
             metadata=xml_metadata(live),
             orchestrator=f"<vcpupin> for vCPUs {sorted(foreign)}" if foreign else None,
         )
-        return _Described(pinnability, bool(foreign))
+        return _Described(pinnability, bool(foreign), _numa.numatune_nodes(live))
 
     def _guest(self, dom: Any, pids: _QemuPids) -> Guest:
         uuid, name = dom.UUIDString(), dom.name()
@@ -448,6 +461,10 @@ class LibvirtDriver:
                 problem = f"no thread named for vCPUs {missing} (libvirt reports them online)"
             else:
                 vcpus = [_threads.read_vcpu(i, pid, found.tids[i]) for i in online]
+        # The declared binding when there is one, else where the process's pages are.
+        memory_nodes = described.memory_nodes
+        if memory_nodes is None and pid is not None:
+            memory_nodes = self._numa_maps.nodes(pid)
         return Guest(
             id=uuid,
             name=name,
@@ -455,6 +472,7 @@ class LibvirtDriver:
             vcpus=tuple(vcpus),
             pinnability=described.pinnability,
             driver=self.name,
+            memory_nodes=memory_nodes,
             orchestrator_pinned=described.orchestrator_pinned,
             problem=problem,
         )

@@ -7,7 +7,14 @@ else from QEMU's thread names (``-name ...,debug-threads=on``). A guest whose vC
 cannot be told apart is listed with ``Guest.problem`` and no vCPUs: a guessed thread would
 get another thread pinned.
 
-Start/stop events come from a daemon thread polling /proc every ``poll_interval`` seconds.
+Memory NUMA nodes: where the process's pages are, from ``/proc/<pid>/numa_maps`` (read at most
+every ``numa_refresh_s`` per process: it is costly on big guests, see :mod:`._numa`).
+
+Start/stop events come from a daemon thread polling /proc every ``poll_interval`` seconds; a
+QEMU that exited but is not yet reaped by its parent (a zombie) counts as stopped.
+
+``exclude_libvirt``: leave out QEMU processes libvirtd started (the composite ``auto`` driver
+lists those through libvirt instead), in the inventory and in events alike.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from adaptive_pin.drivers import _threads
+from adaptive_pin.drivers import _numa, _threads
 from adaptive_pin.drivers.qmp import QmpError, vcpu_thread_ids
 from adaptive_pin.errors import GuestGoneError, PinError
 from adaptive_pin.model import CpuSet, EventKind, Guest, GuestEvent, Inventory, Pinnability, VCpu
@@ -104,6 +111,31 @@ def is_qemu(argv: Sequence[str]) -> bool:
     return bool(argv) and QEMU_BINARY.match(os.path.basename(argv[0])) is not None
 
 
+def libvirt_pidfile_dirs() -> tuple[str, ...]:
+    """Where libvirt's system and session daemons keep ``<domain>.pid``."""
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return ("/run/libvirt/qemu", f"{config}/libvirt/qemu/run")
+
+
+def libvirt_pids(dirs: Sequence[str] | None = None) -> set[int]:
+    """The QEMU pids libvirtd wrote into its pidfiles (``<run dir>/<domain>.pid``)."""
+    pids: set[int] = set()
+    for d in libvirt_pidfile_dirs() if dirs is None else dirs:
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for n in names:
+            if not n.endswith(".pid") or n == "driver.pid":
+                continue
+            try:
+                with open(os.path.join(d, n)) as f:
+                    pids.add(int(f.read().strip()))
+            except (OSError, ValueError):
+                continue
+    return pids
+
+
 def _libvirt_managed(pid: int, argv: Sequence[str]) -> bool:
     """libvirt's QEMUs live in its machine cgroups and keep state under /var/lib/libvirt/qemu."""
     if any("/libvirt/qemu/domain-" in a for a in argv):
@@ -125,6 +157,14 @@ class _Seen:
     name: str
 
 
+def _alive(proc: psutil.Process) -> bool:
+    """Running, and not a zombie: an exited QEMU its parent has not reaped yet is gone."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _identity(pid: int, cmd: QemuCommandLine) -> tuple[str, str]:
     guest_id = cmd.uuid or f"pid:{pid}"
     return guest_id, cmd.name or guest_id
@@ -137,7 +177,9 @@ def _identity(pid: int, cmd: QemuCommandLine) -> tuple[str, str]:
 
 class QemuDriver:
     """Options: ``qmp_sockets`` (guest name or UUID -> QMP socket path), ``rules``
-    (:class:`PinnabilityRules`), ``poll_interval`` (s, event polling), ``qmp_timeout`` (s)."""
+    (:class:`PinnabilityRules`), ``poll_interval`` (s, event polling), ``qmp_timeout`` (s),
+    ``numa_refresh_s`` (s, how often a guest's numa_maps may be re-read), ``exclude_libvirt``
+    (leave out QEMUs that libvirtd started)."""
 
     name = "qemu"
 
@@ -147,8 +189,12 @@ class QemuDriver:
         rules: PinnabilityRules | None = None,
         poll_interval: float = 0.2,
         qmp_timeout: float = 2.0,
+        numa_refresh_s: float = _numa.REFRESH_S,
+        exclude_libvirt: bool = False,
     ) -> None:
         self.qmp_sockets = dict(qmp_sockets or {})
+        self.exclude_libvirt = exclude_libvirt
+        self._numa_maps = _numa.NumaMapsCache(numa_refresh_s)
         self.rules = rules or PinnabilityRules()
         self.qmp_timeout = qmp_timeout
         self._poll_interval = poll_interval
@@ -165,10 +211,19 @@ class QemuDriver:
 
     # --- inventory -----------------------------------------------------------------------
     def _qemu_processes(self) -> Iterator[tuple[psutil.Process, list[str]]]:
+        libvirt = libvirt_pids() if self.exclude_libvirt else set()
         for proc in psutil.process_iter(["cmdline"]):
             argv = proc.info["cmdline"]
-            if argv and is_qemu(argv):
+            if (
+                argv
+                and is_qemu(argv)
+                and not (self.exclude_libvirt and self._is_libvirts(proc.pid, argv, libvirt))
+            ):
                 yield proc, argv
+
+    @staticmethod
+    def _is_libvirts(pid: int, argv: Sequence[str], pidfiles: set[int]) -> bool:
+        return pid in pidfiles or _libvirt_managed(pid, argv)
 
     def inventory(self) -> Inventory:
         guests: list[Guest] = []
@@ -189,6 +244,7 @@ class QemuDriver:
             procs[guest.id] = proc
         with self._lock:
             self._guest_procs = procs
+        self._numa_maps.forget_except(p.pid for p in procs.values())
         return Inventory(guests=tuple(guests), errors=errors, time=time.monotonic())
 
     def _qmp_socket(self, cmd: QemuCommandLine, guest_id: str) -> str | None:
@@ -226,7 +282,7 @@ class QemuDriver:
             try:
                 vcpus.append(_threads.read_vcpu(index, pid, tid))
             except GuestGoneError:
-                if not proc.is_running():
+                if not _alive(proc):
                     raise
                 problem = f"vCPU {index} thread {tid} exited (vCPU unplugged?)"
         if problem is None and cmd.smp is not None and len(vcpus) < cmd.smp:
@@ -238,6 +294,7 @@ class QemuDriver:
             vcpus=tuple(vcpus),
             pinnability=self._pinnability(pid, argv),
             driver=self.name,
+            memory_nodes=self._numa_maps.nodes(pid),
             problem=problem,
         )
 
@@ -262,7 +319,7 @@ class QemuDriver:
         with self._lock:
             proc = self._guest_procs.get(guest.id)
         # The process seen at inventory must still be this pid: a reused pid is another program.
-        if proc is None or proc.pid != guest.pid or not proc.is_running():
+        if proc is None or proc.pid != guest.pid or not _alive(proc):
             raise GuestGoneError(f"{what}: QEMU process {guest.pid} exited")
         try:
             v = guest.vcpu(vcpu)
@@ -284,7 +341,7 @@ class QemuDriver:
         now = time.monotonic()
         pids = set(psutil.pids())
         for pid, gone in list(self._known.items()):
-            if pid not in pids or not gone.proc.is_running():
+            if pid not in pids or not _alive(gone.proc):
                 del self._known[pid]
                 if emit:
                     self._events.put(GuestEvent(EventKind.STOPPED, gone.guest_id, gone.name, now))
@@ -303,8 +360,7 @@ class QemuDriver:
                 del self._young[pid]
                 self._settled.add(pid)
 
-    @staticmethod
-    def _examine(pid: int) -> _Seen | None:
+    def _examine(self, pid: int) -> _Seen | None:
         try:
             with open(f"{_threads.PROC}/{pid}/comm") as f:
                 if not QEMU_COMM.match(f.read().strip()):
@@ -314,6 +370,8 @@ class QemuDriver:
         except (OSError, psutil.Error):
             return None
         if not is_qemu(argv):
+            return None
+        if self.exclude_libvirt and self._is_libvirts(pid, argv, libvirt_pids()):
             return None
         guest_id, name = _identity(pid, parse_cmdline(argv))
         return _Seen(proc, guest_id, name)

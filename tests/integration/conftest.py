@@ -90,12 +90,14 @@ class DomainSpec:
     metadata: str | None = None  # an element to put in <metadata>, e.g. pinnability.metadata_xml(...)
     vcpupin: dict[int, str] = field(default_factory=dict)  # vCPU -> cpulist, as Nova writes it
     paused: bool = True  # vCPU threads exist while paused and cost no CPU
+    numatune: str | None = None  # the inside of <numatune>, e.g. "<memory mode='strict' nodeset='0'/>"
 
 
 def domain_xml(name: str, spec: DomainSpec) -> str:
     meta = f"<metadata>{spec.metadata}</metadata>" if spec.metadata else ""
     pins = "".join(f"<vcpupin vcpu='{v}' cpuset='{c}'/>" for v, c in sorted(spec.vcpupin.items()))
     cputune = f"<cputune>{pins}</cputune>" if pins else ""
+    numatune = f"<numatune>{spec.numatune}</numatune>" if spec.numatune else ""
     return f"""<domain type='qemu'>
   <name>{name}</name>
   <uuid>{uuidlib.uuid4()}</uuid>
@@ -103,6 +105,7 @@ def domain_xml(name: str, spec: DomainSpec) -> str:
   <vcpu placement='static'>{spec.vcpus}</vcpu>
   {meta}
   {cputune}
+  {numatune}
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
   <on_poweroff>destroy</on_poweroff>
   <devices><emulator>{QEMU}</emulator></devices>
@@ -181,6 +184,15 @@ def make_qemu() -> Iterator[Callable[..., QemuGuest]]:
             g.proc.kill()
         g.proc.wait(timeout=10)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def host_numa_nodes() -> CpuSet:
+    """The host's online NUMA nodes (node 0 alone on a machine without NUMA)."""
+    try:
+        with open("/sys/devices/system/node/online") as f:
+            return CpuSet.parse(f.read())
+    except OSError:
+        return CpuSet.of(0)
 
 
 def cpus_allowed(pid: int, tid: int) -> CpuSet:

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 from typing import Any
 
 import pytest
 
+from adaptive_pin.drivers import open_driver
+from adaptive_pin.drivers.auto import CompositeDriver
 from adaptive_pin.drivers.libvirt import LibvirtDriver
 from adaptive_pin.errors import DriverError, GuestGoneError, PinError
 from adaptive_pin.model import CpuSet, EventKind, Guest, GuestEvent, PinSource
 from adaptive_pin.pinnability import NAMESPACE, PREFIX, Hints, Mode, metadata_xml
-from tests.integration.conftest import URI, DomainSpec, cpus_allowed, wait_for
+from tests.integration.conftest import URI, DomainSpec, cpus_allowed, host_numa_nodes, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -210,3 +214,98 @@ def test_reconnects_after_libvirtd_drops_the_connection(driver: Any, make_domain
 def test_unreachable_libvirt_raises_driver_error_then_backs_off(tmp_path: Any) -> None:
     with pytest.raises(DriverError, match="cannot connect to libvirt"):
         LibvirtDriver(f"qemu:///system?socket={tmp_path}/nothing-here")
+
+
+def test_memory_nodes_from_numatune_else_from_numa_maps(
+    driver: Any, make_domains: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bound, free = make_domains(
+        DomainSpec(vcpus=1, numatune="<memory mode='strict' nodeset='0'/>"), DomainSpec(vcpus=1)
+    )
+    inv = driver.inventory()
+    host = host_numa_nodes()
+    assert _guest(inv, bound.name()).memory_nodes == CpuSet.of(0)
+    nodes = _guest(inv, free.name()).memory_nodes
+    assert nodes is not None and nodes <= host  # where its pages are: /proc/<pid>/numa_maps
+    if host == CpuSet.of(0):
+        assert nodes == CpuSet.of(0)
+    # The declared binding wins and spares the numa_maps read; without one, numa_maps answers.
+    asked: list[int] = []
+
+    def spy(pid: int) -> CpuSet | None:
+        asked.append(pid)
+        return None
+
+    monkeypatch.setattr(driver._numa_maps, "nodes", spy)
+    again = driver.inventory()
+    assert _guest(again, bound.name()).memory_nodes == CpuSet.of(0)
+    assert _guest(again, free.name()).memory_nodes is None
+    assert asked == [_guest(again, free.name()).pid]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "adaptive_pin", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def test_auto_sees_libvirt_domains_and_plain_qemu_at_once(
+    libvirt_conn: Any, make_domains: Any, make_qemu: Any
+) -> None:
+    (dom,) = make_domains(DomainSpec(vcpus=2))
+    plain = make_qemu(vcpus=2)
+    d = open_driver("auto")
+    try:
+        assert isinstance(d, CompositeDriver)
+        inv = d.inventory()
+        lv = [g for g in inv.guests if g.id == dom.UUIDString()]
+        qm = [g for g in inv.guests if g.id == plain.uuid]
+        assert [g.driver for g in lv] == ["libvirt"] and [g.driver for g in qm] == ["qemu"]
+        lg, qg = lv[0], qm[0]
+        assert lg.pid is not None and [g.id for g in inv.guests if g.pid == lg.pid] == [lg.id]
+        assert (qg.pid, qg.problem, len(qg.vcpus)) == (plain.pid, None, 2)
+        assert lg.pinnability.managed and qg.pinnability.managed
+
+        # Each pin goes through the driver that listed the guest.
+        d.pin(qg, 1, CpuSet.of(1))
+        assert cpus_allowed(plain.pid, qg.vcpu(1).tid) == CpuSet.of(1)
+        d.pin(lg, 1, CpuSet.of(0))
+        assert cpus_allowed(lg.pid, lg.vcpu(1).tid) == CpuSet.of(0)
+        assert CpuSet(i for i, on in enumerate(dom.vcpuPinInfo(0)[1]) if on) == CpuSet.of(0)
+
+        # Events from both sides; a new libvirt domain is announced once, by libvirt.
+        d.events(0)
+        (dom2,) = make_domains(DomainSpec(vcpus=1))
+        plain2 = make_qemu(vcpus=1)
+        seen: list[GuestEvent] = []
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and not {dom2.UUIDString(), plain2.uuid} <= {
+            e.guest_id for e in seen
+        }:
+            seen.extend(d.events(0.2))
+        time.sleep(2 * 0.2 + 0.1)  # let the QEMU watcher poll past dom2's process
+        seen.extend(d.events(0))
+        started = [e.guest_id for e in seen if e.kind is EventKind.STARTED]
+        assert started.count(dom2.UUIDString()) == 1 and started.count(plain2.uuid) == 1
+        dom2.destroy()
+        destroyed = time.monotonic()
+        ev = _wait_event(d, EventKind.STOPPED, dom2.UUIDString())
+        assert ev.time - destroyed <= EVENT_BOUND_S
+    finally:
+        d.close()
+
+    p = _cli("status", "--sample", "0", "--json")  # --driver auto is the default
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["driver"] == "libvirt+qemu"
+    by_id = {g["id"]: g for g in doc["guests"]}
+    assert by_id[dom.UUIDString()]["driver"] == "libvirt" and by_id[plain.uuid]["driver"] == "qemu"
+    assert [g["id"] for g in doc["guests"]].count(dom.UUIDString()) == 1
+    for gid in (dom.UUIDString(), plain.uuid):
+        assert by_id[gid]["memory_nodes"] is not None
+        assert CpuSet.parse(by_id[gid]["memory_nodes"]) <= host_numa_nodes()

@@ -6,6 +6,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import psutil
 import pytest
 
 from adaptive_pin.drivers.qemu import QemuDriver
@@ -13,7 +14,7 @@ from adaptive_pin.drivers.qmp import vcpu_thread_ids
 from adaptive_pin.errors import GuestGoneError, PinError
 from adaptive_pin.model import CpuSet, EventKind, Guest, GuestEvent, PinSource
 from adaptive_pin.pinnability import Hints, Mode, PinnabilityRules, resolve
-from tests.integration.conftest import QemuGuest, cpus_allowed
+from tests.integration.conftest import QemuGuest, cpus_allowed, host_numa_nodes
 
 pytestmark = pytest.mark.integration
 
@@ -146,3 +147,32 @@ def test_process_killed_mid_inventory_or_before_pin_is_per_vm(
     g = _guest(inv, keep)
     driver.pin(g, 0, CpuSet.of(1))
     assert cpus_allowed(keep.pid, g.vcpu(0).tid) == CpuSet.of(1)
+
+
+def test_memory_nodes_come_from_numa_maps(driver: Any, make_qemu: Any) -> None:
+    q = make_qemu(vcpus=1)
+    g = _guest(driver.inventory(), q)
+    host = host_numa_nodes()
+    assert g.memory_nodes is not None and g.memory_nodes <= host
+    if host == CpuSet.of(0):
+        assert g.memory_nodes == CpuSet.of(0)
+
+
+def test_exited_but_unreaped_qemu_is_stopped_within_a_second(driver: Any, make_qemu: Any) -> None:
+    """A zombie (its parent has not called wait() yet) is gone: the STOPPED event must not wait."""
+    driver.events(0)
+    q = make_qemu(vcpus=1)
+    _wait_event(driver, EventKind.STARTED, q.uuid)
+    g = _guest(driver.inventory(), q)
+    q.proc.kill()
+    killed = time.monotonic()
+    ev = _wait_event(driver, EventKind.STOPPED, q.uuid, timeout=3.0)
+    # Still not reaped when the event came: this test is about zombies, not about exits.
+    assert psutil.Process(q.pid).status() == psutil.STATUS_ZOMBIE
+    assert q.proc.returncode is None
+    print(f"\nqemu zombie: stopped seen {ev.time - killed:+.3f}s after SIGKILL (bound {EVENT_BOUND_S}s)")
+    assert killed <= ev.time <= killed + EVENT_BOUND_S
+    with pytest.raises(GuestGoneError):
+        driver.pin(g, 0, CpuSet.of(0))
+    assert q.uuid not in {x.id for x in driver.inventory().guests}
+    q.proc.wait(timeout=10)
