@@ -405,7 +405,12 @@ SECTIONS: tuple[Section, ...] = (
                 Number(0),
                 "A vCPU is not sent back to CPUs it left less than this many seconds ago.",
             ),
-            Option("budget_per_tick", Number(1, integer=True), "At most this many migrations per tick."),
+            Option(
+                "budget_per_tick",
+                Number(1, integer=True),
+                "At most this many migrations per tick; first placements of vCPUs the controller never "
+                "moved do not count (VMs arriving together are placed in one tick).",
+            ),
             Option(
                 "min_gain", Number(), "Moves predicted to gain less than this are dropped (policy's unit)."
             ),

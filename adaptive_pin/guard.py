@@ -8,7 +8,8 @@ controller from thrashing when a policy (or its input) is noisy:
 - a vCPU moved less than ``cooldown_s`` ago is not moved again;
 - a vCPU is never sent back to a CPU set it left less than ``return_window_s`` ago
   (A -> B -> A), nor to a placement that was rolled back recently;
-- at most ``budget_per_tick`` migrations a tick, largest predicted gain first;
+- at most ``budget_per_tick`` migrations a tick, largest predicted gain first (first
+  placements do not count: many VMs arriving at once are placed in one tick, not a few a tick);
 - a move whose predicted gain is below ``min_gain`` is dropped;
 - never onto CPUs that are not usable now (offline, reserved, isolated, disallowed, taken).
 """
@@ -111,12 +112,20 @@ class Guard:
                 candidates.append(move)
 
         candidates.sort(key=lambda m: (-m.predicted_gain, m.guest_id, m.vcpu))
-        accepted = candidates[: s.budget_per_tick]
+        first = [m for m in candidates if self._first_placement(m)]
+        others = [m for m in candidates if not self._first_placement(m)]
+        accepted = first + others[: s.budget_per_tick]
+        accepted.sort(key=lambda m: (-m.predicted_gain, m.guest_id, m.vcpu))
         refused.extend(
             (m, f"migration budget of {s.budget_per_tick} per tick used up")
-            for m in candidates[s.budget_per_tick :]
+            for m in others[s.budget_per_tick :]
         )
         return GuardResult(tuple(accepted), tuple(refused))
+
+    def _first_placement(self, move: Move) -> bool:
+        """A first placement of a vCPU the controller never moved: nothing to ping-pong."""
+        h = self._history.get(move.key)
+        return move.kind == "initial" and (h is None or h.last_moved is None)
 
     def _refusal(
         self,
@@ -144,7 +153,7 @@ class Guard:
         left_at = h.left.get(move.to_cpus)
         if left_at is not None and now - left_at < s.return_window_s:
             return f"would move back to {move.to_cpus.to_list()} left {now - left_at:.0f}s ago"
-        first_placement = h.last_moved is None and move.kind == "initial"
+        first_placement = self._first_placement(move)
         if not (one_shot or first_placement) and h.proposed_ticks < s.hold_ticks:
             return f"proposed {h.proposed_ticks} of {s.hold_ticks} consecutive ticks"
         return None

@@ -52,13 +52,23 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
-from adaptive_pin.model import CpuSet, Guest, Plan, Snapshot, VCpu, VCpuKey
+from adaptive_pin.model import (
+    LLC_MISSES,
+    LLC_REFERENCES,
+    CpuSet,
+    Guest,
+    Plan,
+    Snapshot,
+    VCpu,
+    VCpuKey,
+    VCpuRates,
+)
 from policies.base import (
     Target,
     check_granularity,
@@ -80,8 +90,12 @@ FALLBACK_LLC_BYTES_PER_PU = 1 * MIB  # when sysfs gives no cache size
 LOCAL_DISTANCE = 10  # ACPI SLIT: a node to itself
 DEFAULT_REMOTE_DISTANCE = 20  # what Linux assumes without a SLIT
 SMT_LOSS = 0.35  # two busy threads on a core do ~1.3x one thread's work: each loses ~35%
+# ... of its core-bound part; memory stalls overlap, and about half of a typical vCPU's cycles
+# are core-bound, so a pair loses about 0.35 vCPU (the load term's SMT part, per vCPU over cores)
+SMT_PAIR_LOSS = 0.35
 BUSY = 0.5  # a vCPU using at least half a CPU is "busy" for PU and SMT choices
 REFIT_GAIN = 1.0
+IMPROVE_ROUNDS = 2  # passes over the newly placed VMs after the greedy placement
 INF = math.inf
 
 
@@ -95,6 +109,7 @@ class _VCpuRow:
     known: bool  # rates sampled: utilization known
     m: float  # LLC misses/s (measured or assumed)
     measured: bool
+    w: float  # cache sensitivity: share of its LLC accesses that hit (1.0 when unknown)
     aff_dom: int  # the one domain the affinity lies in (usable part), else -1
     aff_weights: FloatArray | None  # share of the affinity's usable PUs per domain
     dom: int  # where its load is counted now (-1: nowhere)
@@ -112,6 +127,8 @@ class _Aggregates:
     P: FloatArray  # misses/s per domain
     L: FloatArray  # CPU demand per domain (whole_cores VMs excluded: they hold their own PUs)
     PG: FloatArray  # misses/s per (guest, domain)
+    W: FloatArray  # sensitivity-weighted misses/s (w * m) per domain
+    WG: FloatArray  # the same per (guest, domain)
     UG: FloatArray  # demand per (guest, domain)
     UT: FloatArray  # total demand per guest (for cohesion shares)
     KU: FloatArray = field(init=False)
@@ -173,22 +190,39 @@ class CacheAwarePolicy:
         active = old.get("active") if old and old.get("granularity") == self.granularity else None
         if isinstance(active, list):
             prev_active = {a for a in active if isinstance(a, int) and not isinstance(a, bool)}
-        world = _World(snapshot, self)
+        prev_counts: dict[str, list[float]] = {}
+        counts = old.get("counts") if old else None
+        if isinstance(counts, dict):
+            for key, val in counts.items():
+                if (
+                    isinstance(key, str)
+                    and isinstance(val, list)
+                    and len(val) == 2
+                    and all(isinstance(x, int | float) and not isinstance(x, bool) for x in val)
+                ):
+                    prev_counts[key] = [float(val[0]), float(val[1])]
+        world = _World(snapshot, self, prev_counts)
         notes = world.run(prev_active)
         plan = Plan(policy=self.name, moves=moves_from_targets(world.targets()), notes=tuple(notes))
-        new_state = {
+        new_state: dict[str, object] = {
             "version": STATE_VERSION,
             "granularity": self.granularity,
             "active": sorted(int(world.labels[d]) for d in world.active),
         }
+        if world.counts:  # only when the PMU gives LLC references and misses
+            new_state["counts"] = {k: world.counts[k] for k in sorted(world.counts)}
         return plan, new_state
 
 
 class _World:
     """One decide()'s working copy of the host: domains, vCPUs, and the aggregates of the model."""
 
-    def __init__(self, snapshot: Snapshot, policy: CacheAwarePolicy) -> None:
+    def __init__(
+        self, snapshot: Snapshot, policy: CacheAwarePolicy, prev_counts: dict[str, list[float]] | None = None
+    ) -> None:
         self.s = snapshot
+        self.prev_counts = prev_counts or {}
+        self.counts: dict[str, list[float]] = {}  # "guest/vcpu" -> [LLC references, misses] now
         self.p = policy
         self.gran = policy.granularity
         topo = snapshot.topology
@@ -207,6 +241,7 @@ class _World:
         self.holders: set[int] = set()  # guests holding whole cores
         self._wanted_cache: dict[tuple[int, int], CpuSet] = {}
         self._cap: FloatArray | None = None
+        self._cores: FloatArray | None = None
         self.dom_pos: list[IntArray] = [np.flatnonzero(self.pu_dom == d) for d in range(self.D)]
         self.dom_node = np.array([int(topo.pu_node[pos[0]]) for pos in self.dom_pos], dtype=np.int64)
         self.M = self._contention_scale()
@@ -259,14 +294,21 @@ class _World:
 
     def _remote_costs(self) -> FloatArray:
         rho = np.zeros((self.G, self.D))
+        row_of: dict[frozenset[int], FloatArray] = {}  # memory nodes -> cost per domain
         for gi, g in enumerate(self.guests):
             if not g.memory_nodes:
                 continue
-            for d in range(self.D):
-                n = int(self.dom_node[d])
-                if n >= 0:
-                    best = min(self._slit(n, mem) for mem in g.memory_nodes)
-                    rho[gi, d] = max(0.0, best / LOCAL_DISTANCE - 1.0)
+            key = frozenset(g.memory_nodes)
+            row = row_of.get(key)
+            if row is None:
+                row = np.zeros(self.D)
+                for d in range(self.D):
+                    n = int(self.dom_node[d])
+                    if n >= 0:
+                        best = min(self._slit(n, mem) for mem in g.memory_nodes)
+                        row[d] = max(0.0, best / LOCAL_DISTANCE - 1.0)
+                row_of[key] = row
+            rho[gi] = row
         return rho
 
     # ------------------------------------------------------------------ vCPUs
@@ -307,6 +349,7 @@ class _World:
                 miss = r.llc_misses_per_s if (r is not None and self.pmu) else None
                 measured = miss is not None
                 m = float(miss) if miss is not None else (u or 0.0) * self.p.assumed
+                w = self._sensitivity(guest, v, r) if measured else 1.0
                 aff_dom, weights = self._affinity_domain(v.affinity)
                 lc = last_cpu(s, guest, v, self.online)
                 lc_pos = self.pos_of[lc] if lc is not None else -1
@@ -329,6 +372,7 @@ class _World:
                         known=u is not None,
                         m=m,
                         measured=measured,
+                        w=w,
                         aff_dom=aff_dom,
                         aff_weights=weights,
                         dom=dom,
@@ -336,6 +380,29 @@ class _World:
                         whole=whole,
                     )
                 )
+
+    def _sensitivity(self, guest: Guest, v: VCpu, r: VCpuRates | None) -> float:
+        """Share of the vCPU's LLC accesses that hit since the last decision (1.0: unknown).
+
+        Read off the cumulative LLC reference and miss counts (``VCpuRates.totals``), over the
+        interval since the previous decide() (their values are kept in the state), else over
+        the thread's life. A streaming thread misses on every access whatever its share of the
+        cache: it gains nothing from cache, so it costs its neighbours but loses nothing itself.
+        """
+        if r is None:
+            return 1.0
+        refs, misses = r.totals.get(LLC_REFERENCES), r.totals.get(LLC_MISSES)
+        if refs is None or misses is None or not (math.isfinite(refs) and math.isfinite(misses)):
+            return 1.0
+        key = f"{guest.id}/{v.index}"
+        self.counts[key] = [float(refs), float(misses)]
+        d_refs, d_miss = refs, misses
+        prev = self.prev_counts.get(key)
+        if prev is not None and refs - prev[0] > 0 and misses >= prev[1]:
+            d_refs, d_miss = refs - prev[0], misses - prev[1]
+        if not d_refs > 0:
+            return 1.0
+        return float(min(1.0, max(0.0, 1.0 - d_miss / d_refs)))
 
     # ------------------------------------------------------------------ the run
     def run(self, prev_active: set[int]) -> list[str]:
@@ -424,7 +491,15 @@ class _World:
 
     def _aggregate(self, exclude: set[int]) -> _Aggregates:
         nd, ng = self.D, self.G
-        agg = _Aggregates(np.zeros(nd), np.zeros(nd), np.zeros((ng, nd)), np.zeros((ng, nd)), np.zeros(ng))
+        agg = _Aggregates(
+            np.zeros(nd),
+            np.zeros(nd),
+            np.zeros((ng, nd)),
+            np.zeros(nd),
+            np.zeros((ng, nd)),
+            np.zeros((ng, nd)),
+            np.zeros(ng),
+        )
         for r in self.rows:
             agg.UT[r.gi] += r.u
             if id(r) in exclude:
@@ -438,9 +513,55 @@ class _World:
         agg.KP = agg.PG @ self.K
         return agg
 
+    def _improvable(self, vms: list[int], by_vm: Mapping[int, list[_VCpuRow]]) -> list[int]:
+        """The VMs that a whole move seems to help, largest estimated gain first, by one
+        vectorised look at all of them (each VM's cost in every domain, itself taken out)."""
+        if not vms:
+            return []
+        a, t = self.agg, self.p.t
+        g = np.asarray(vms, dtype=np.int64)
+        here = np.array([by_vm[gi][0].dom for gi in vms], dtype=np.int64)
+        bm = np.array([sum(r.m for r in by_vm[gi]) for gi in vms])
+        bw = np.array([sum(r.w * r.m for r in by_vm[gi]) for gi in vms])
+        bu = np.array([sum(r.u for r in by_vm[gi]) for gi in vms])
+        onehot = np.zeros((len(vms), self.D))
+        onehot[np.arange(len(vms)), here] = 1.0
+        contention = t * (bw[:, None] * (a.P - a.PG[g]) + bm[:, None] * (a.W - a.WG[g])) / self.M
+        ku = a.KU[g] - bu[:, None] * self.K[here]
+        kp = a.KP[g] - bm[:, None] * self.K[here]
+        cohesion = self.p.sharing * t * (bm[:, None] * ku + bu[:, None] * kp) / a.UT[g][:, None]
+        remote = t * bm[:, None] * self.rho[g]
+        held = np.array([gi in self.holders for gi in vms])
+        load = a.L[None, :] - np.where(held, 0.0, bu)[:, None] * onehot
+        uu = np.where(held, 0.0, bu)[:, None]
+        cost = contention + cohesion + remote + self._load_cost(load + uu) - self._load_cost(load)
+        room = (self.capacity()[None, :] - load >= bu[:, None] - 1e-9) | (onehot > 0)
+        cost = np.where(room, cost, INF)
+        gain = cost[np.arange(len(vms)), here] - cost.min(axis=1)
+        order = np.lexsort((np.arange(len(vms)), -np.round(gain, 12)))  # largest gain first
+        return [vms[i] for i in order.tolist() if gain[i] > self.p.min_gain]
+
+    def _shift(self, gi: int, rows: Sequence[_VCpuRow], d: int, sign: float) -> None:
+        """Add (sign 1) or take out (-1) one VM's rows in domain d, as one batch."""
+        a = self.agg
+        m = sign * sum(r.m for r in rows)
+        wm = sign * sum(r.w * r.m for r in rows)
+        u = sign * sum(r.u for r in rows)
+        a.P[d] += m
+        a.PG[gi, d] += m
+        a.W[d] += wm
+        a.WG[gi, d] += wm
+        a.UG[gi, d] += u
+        if gi not in self.holders:
+            a.L[d] += u
+        a.KU[gi] = a.UG[gi] @ self.K
+        a.KP[gi] = a.PG[gi] @ self.K
+
     def _add(self, agg: _Aggregates, r: _VCpuRow, d: int, sign: float, refresh: bool = True) -> None:
         agg.P[d] += sign * r.m
         agg.PG[r.gi, d] += sign * r.m
+        agg.W[d] += sign * r.w * r.m
+        agg.WG[r.gi, d] += sign * r.w * r.m
         agg.UG[r.gi, d] += sign * r.u
         if r.gi not in self.holders:
             agg.L[d] += sign * r.u
@@ -452,6 +573,34 @@ class _World:
         self.excl_owner[pos] = gi
         self.holders.add(gi)
         self._cap = None
+        self._cores = None
+
+    def cores(self) -> FloatArray:
+        """Cores per domain with at least one usable PU that no whole_cores VM holds."""
+        if self._cores is None:
+            free = self.usable_mask & (self.excl_owner < 0)
+            n_core = len(self.core_pos)
+            has = np.zeros(n_core, dtype=bool)
+            has[self.pu_core[free]] = True
+            dom_of_core = np.full(n_core, -1, dtype=np.int64)
+            dom_of_core[self.pu_core] = self.pu_dom
+            ok = has & (dom_of_core >= 0)
+            self._cores = np.bincount(dom_of_core[ok], minlength=self.D).astype(np.float64)
+        return self._cores
+
+    def _load_cost(self, load: FloatArray, smt: bool = True) -> FloatArray:
+        """vCPU-equivalents lost to a domain's CPU demand ``load`` (any shape, domains last).
+
+        Demand above its PUs is lost to time-sharing; with ``smt``, demand above its cores
+        puts busy threads on SMT siblings, each pair doing ~1.3x one thread's work. SMT is
+        weighed where whole VMs are placed, not by single-vCPU moves: a VM is not split to
+        leave a sibling idle.
+        """
+        cap = self.capacity()
+        out: FloatArray = np.maximum(0.0, load - cap)
+        if smt:
+            out = out + SMT_PAIR_LOSS * np.maximum(0.0, np.minimum(load, cap) - self.cores())
+        return out
 
     def capacity(self) -> FloatArray:
         """Usable PUs per domain that no whole_cores VM holds."""
@@ -492,21 +641,27 @@ class _World:
         here = np.zeros((n, self.D), dtype=bool)
         has = d >= 0
         here[np.flatnonzero(has), d[has]] = True
+        w = np.fromiter((r.w for r in rows), dtype=np.float64, count=n)
         mh, uh = m[:, None] * here, u[:, None] * here
-        press = a.P[None, :] - mh
-        press_own = a.PG[gi] - mh
+        wmh = (w * m)[:, None] * here
+        foreign = (a.P[None, :] - mh) - (a.PG[gi] - mh)
+        foreign_w = (a.W[None, :] - wmh) - (a.WG[gi] - wmh)
         load = a.L[None, :] - np.where(whole[:, None], 0.0, uh)
         k_here = np.where(has[:, None], self.K[np.maximum(d, 0)], 0.0)
         ku = a.KU[gi] - u[:, None] * k_here
         kp = a.KP[gi] - m[:, None] * k_here
         t = self.p.t
-        contention = 2.0 * t * m[:, None] * (press - press_own) / self.M[None, :]
+        contention = t * ((w * m)[:, None] * foreign + m[:, None] * foreign_w) / self.M[None, :]
         cohesion = self.p.sharing * t * (m[:, None] * ku + u[:, None] * kp) / a.UT[gi][:, None]
         remote = t * m[:, None] * self.rho[gi]
-        cap = self.capacity()[None, :]
         uu = np.where(whole, 0.0, u)[:, None]
-        overload = np.maximum(0.0, load + uu - cap) - np.maximum(0.0, load - cap)
-        out: FloatArray = contention + cohesion + remote + overload
+        out: FloatArray = (
+            contention
+            + cohesion
+            + remote
+            + self._load_cost(load + uu, smt=False)
+            - self._load_cost(load, smt=False)
+        )
         return out
 
     def cohesion_part(self, r: _VCpuRow, d: int) -> float:
@@ -541,17 +696,47 @@ class _World:
             if rows[0].whole:
                 notes.append(f"no free whole cores for {self.guests[gi].name}: placed without exclusivity")
             placed.extend(self._place_vm(gi, rows))
+        self._improve(order, placed)
         return placed
+
+    def _improve(self, order: list[int], placed: list[_VCpuRow]) -> None:
+        """Revisit the greedy placement with everyone in: move a newly placed VM whole where it
+        costs less now. The first VMs were placed before their neighbours were known (streaming
+        VMs go first and cost nothing on an empty host); this puts them together, away from the
+        cache-sensitive ones, before any move is made, so an arrival is placed in one shot."""
+        by_vm: defaultdict[int, list[_VCpuRow]] = defaultdict(list)
+        for r in placed:
+            if not r.whole and r.dom >= 0:
+                by_vm[r.gi].append(r)
+        vms = [gi for gi in order if gi in by_vm and len({r.dom for r in by_vm[gi]}) == 1]
+        for _ in range(IMPROVE_ROUNDS):
+            moved = False
+            for gi in self._improvable(vms, by_vm):
+                rows = by_vm[gi]
+                here = rows[0].dom
+                need = sum(r.u for r in rows)
+                self._shift(gi, rows, here, -1.0)
+                scores = self._vm_scores(gi, rows)
+                room = self.capacity() - self.agg.L >= need - 1e-9
+                room[here] = True
+                scores = np.where(room, scores, INF)
+                best = int(np.argmin(np.round(scores, 12)))
+                self._shift(gi, rows, here, 1.0)
+                if best != here and scores[best] < scores[here] - self.p.min_gain:
+                    self._assign_many(rows, best, "initial")
+                    moved = True
+            if not moved:
+                break
 
     def _vm_scores(self, gi: int, rows: Sequence[_VCpuRow]) -> FloatArray:
         a, t = self.agg, self.p.t
         p_batch = sum(r.m for r in rows)
+        w_batch = sum(r.w * r.m for r in rows)
         u_batch = sum(r.u for r in rows if not r.whole)
-        contention = 2.0 * t * p_batch * (a.P - a.PG[gi]) / self.M
+        contention = t * (w_batch * (a.P - a.PG[gi]) + p_batch * (a.W - a.WG[gi])) / self.M
         cohesion = self.p.sharing * t * (p_batch * a.KU[gi] + u_batch * a.KP[gi]) / a.UT[gi]
         remote = t * p_batch * self.rho[gi]
-        cap = self.capacity()
-        overload = np.maximum(0.0, a.L + u_batch - cap) - np.maximum(0.0, a.L - cap)
+        overload = self._load_cost(a.L + u_batch) - self._load_cost(a.L)
         scores: FloatArray = contention + cohesion + remote + overload
         masked: FloatArray = self._mask(rows[:1], scores[None, :])[0]
         return masked
@@ -690,13 +875,14 @@ class _World:
         d = np.fromiter((r.dom for r in rows), dtype=np.int64, count=n)
         m = np.fromiter((r.m for r in rows), dtype=np.float64, count=n)
         u = np.fromiter((r.u for r in rows), dtype=np.float64, count=n)
-        contention = 2.0 * t * m * (a.P[d] - a.PG[gi, d]) / self.M[d]
+        w = np.fromiter((r.w for r in rows), dtype=np.float64, count=n)
+        foreign = a.P[d] - a.PG[gi, d]
+        foreign_w = a.W[d] - a.WG[gi, d]
+        contention = t * (w * m * foreign + m * foreign_w) / self.M[d]
         cohesion = self.p.sharing * t * (m * a.KU[gi, d] + u * a.KP[gi, d]) / a.UT[gi]
         remote = t * m * self.rho[gi, d]
         load = a.L[d]
-        overload = np.maximum(0.0, load - self.capacity()[d]) * np.where(
-            load > 0, u / np.maximum(load, 1e-9), 0.0
-        )
+        overload = self._load_cost(a.L, smt=False)[d] * np.where(load > 0, u / np.maximum(load, 1e-9), 0.0)
         out: FloatArray = contention + cohesion + remote + overload
         return out
 
@@ -723,6 +909,10 @@ class _World:
             and r.aff_dom >= 0
         ]
         if not pool:
+            return
+        budget -= self._move_whole_vms(pool, pressure, budget)
+        pool = [r for r in pool if not r.kind]
+        if not pool or budget <= 0:
             return
         own = self._own_costs(pool)
         order = np.lexsort((np.arange(len(pool)), -own))[: self.p.candidates]
@@ -755,6 +945,44 @@ class _World:
                 f"to {self._dom_name(d)}, est. {gain:.3f} vCPU-equivalents regained"
                 f" ({'mostly VM cohesion' if r.kind == 'cohesion' else 'less cache contention / load'})"
             )
+
+    def _move_whole_vms(self, pool: list[_VCpuRow], pressure: FloatArray, budget: int) -> int:
+        """Move VMs of active domains whole where they cost less (a single-vCPU move would
+        pay for splitting the VM first); returns how many vCPUs moved."""
+        by_vm: defaultdict[int, list[_VCpuRow]] = defaultdict(list)
+        for r in pool:
+            by_vm[r.gi].append(r)
+        n_of = {gi: len(g.vcpus) for gi, g in enumerate(self.guests)}
+        vms = [
+            gi for gi in sorted(by_vm) if len(by_vm[gi]) == n_of[gi] and len({r.dom for r in by_vm[gi]}) == 1
+        ]
+        used = 0
+        for gi in self._improvable(vms, by_vm):
+            rows = by_vm[gi]
+            if used + len(rows) > budget:
+                break
+            here = rows[0].dom
+            need = sum(r.u for r in rows)
+            self._shift(gi, rows, here, -1.0)
+            scores = self._vm_scores(gi, rows)
+            room = self.capacity() - self.agg.L >= need - 1e-9
+            room[here] = True
+            scores = np.where(room, scores, INF)
+            best = int(np.argmin(np.round(scores, 12)))
+            self._shift(gi, rows, here, 1.0)
+            gain = float(scores[here] - scores[best])
+            if best == here or not gain >= self.p.min_gain * len(rows):
+                continue
+            self._assign_many(rows, best, "rebalance")
+            used += len(rows)
+            for r in rows:
+                r.gain = gain / len(rows)
+                r.why = (
+                    f"{self._dom_name(here)} pressure {pressure[here]:.3f} > {self.p.enter:g}: "
+                    f"{r.guest.name} whole to {self._dom_name(best)}, est. {gain:.3f} vCPU-equivalents "
+                    "regained (less cache contention / load)"
+                )
+        return used
 
     def _raw_here(self, r: _VCpuRow) -> float:
         return float(self.cost_rows([r])[0, r.dom])

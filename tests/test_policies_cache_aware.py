@@ -7,6 +7,7 @@ make_topology(): one package, LLC 0 = cores 0-3 (CPUs 0-3, 8-11), LLC 1 = cores 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from adaptive_pin.model import CpuSet, Guest, Plan, Snapshot, VCpuKey, VCpuRates
 from policies.cache_aware import CacheAwarePolicy
@@ -192,3 +193,48 @@ def test_predicted_gain_is_in_vcpu_equivalents() -> None:
     assert len(plan.moves) == 1
     expected = 2 * 15e-9 * HUNGRY * HUNGRY / 1e8  # 8 MiB LLC: M = 1e8 misses/s
     assert abs(plan.moves[0].predicted_gain - expected) < 1e-9
+
+
+def counted(util: float, misses: float, hit_share: float, last_cpu: int | None = None) -> VCpuRates:
+    """Rates whose cumulative LLC counts say that ``hit_share`` of the accesses hit."""
+    r = rates(util, misses, last_cpu)
+    refs = misses * 100.0 / max(1.0 - hit_share, 1e-6)
+    return replace(r, totals={"llc_misses": misses * 100.0, "llc_references": refs})
+
+
+def test_a_streaming_vm_joins_the_other_streamer_not_the_sensitive_vms() -> None:
+    # s1 streams (every access misses) beside two cache-sensitive VMs (most accesses hit);
+    # s2 streams alone. Streamers pollute but lose nothing: s1 goes to s2, whole.
+    guests = [vm("s1", [LLC0] * 2), vm("c1", [LLC0]), vm("c2", [LLC0]), vm("s2", [LLC1] * 2)]
+    r = {}
+    for g in guests:
+        stream = g.id.startswith("s")
+        for v in g.vcpus:
+            r[(g.id, v.index)] = counted(1.0, HUNGRY if stream else 5e6, 0.0 if stream else 0.8)
+    final, _, plans = settle(CacheAwarePolicy(), snapshot(TOPO, guests, r))
+    assert not plans[-1].moves, "did not settle"
+    assert llcs(final, "s1") == llcs(final, "s2") == {1}
+    assert llcs(final, "c1") == llcs(final, "c2") == {0}
+    # Without the LLC reference counts (sensitivity unknown) hungry VMs are kept apart.
+    blind = {k: replace(v, totals={}) for k, v in r.items()}
+    final, _, _ = settle(CacheAwarePolicy(), snapshot(TOPO, guests, blind))
+    assert llcs(final, "s1") != llcs(final, "s2")
+
+
+def test_sensitivity_is_measured_over_the_last_interval() -> None:
+    # The state keeps the counts; a vCPU whose recent accesses all miss is streaming now,
+    # whatever its lifetime ratio says.
+    from policies.cache_aware import _World
+
+    guests = [vm("a", [LLC0])]
+    policy = CacheAwarePolicy()
+    base = rates(1.0, 1e6, 0)
+    first = replace(base, totals={"llc_misses": 1e8, "llc_references": 1e9})
+    _, state = policy.decide(snapshot(TOPO, guests, {("a", 0): first}), policy.initial_state())
+    assert isinstance(state, dict) and state["counts"] == {"a/0": [1e9, 1e8]}
+    later = replace(base, totals={"llc_misses": 6e8, "llc_references": 1.5e9})
+    snap = snapshot(TOPO, guests, {("a", 0): later})
+    _, state2 = policy.decide(snap, state)
+    assert isinstance(state2, dict) and state2["counts"] == {"a/0": [1.5e9, 6e8]}
+    assert _World(snap, policy, {"a/0": [1e9, 1e8]}).rows[0].w == 0.0  # 5e8 of 5e8 missed
+    assert abs(_World(snap, policy, {}).rows[0].w - 0.6) < 1e-9  # lifetime: 6e8 of 1.5e9
