@@ -37,18 +37,19 @@ def open_configured_driver(config: Config) -> tuple[Driver, str]:
         raise UsageError("driver.name = sim needs a scenario (--scenario FILE)")
     if d.scenario and name != "sim":
         raise UsageError("a scenario needs the sim driver (--driver sim)")
-    if name == "auto":
-        from adaptive_pin.drivers import libvirt
-
-        name = "libvirt" if libvirt.available(d.libvirt_uri) else "qemu"
+    rules = pinnability_rules(config)
+    qmp = {k: str(v) for k, v in d.qmp.items()}
     options: dict[str, Any]
-    if name == "libvirt":
-        options = {"uri": d.libvirt_uri, "rules": pinnability_rules(config)}
+    if name == "auto":  # libvirt's domains plus the plain QEMUs it does not manage, as `status` sees
+        options = {"uri": d.libvirt_uri, "qmp_sockets": qmp, "rules": rules}
+    elif name == "libvirt":
+        options = {"uri": d.libvirt_uri, "rules": rules}
     elif name == "qemu":
-        options = {"qmp_sockets": {k: str(v) for k, v in d.qmp.items()}, "rules": pinnability_rules(config)}
+        options = {"qmp_sockets": qmp, "rules": rules}
     else:
         options = {"scenario": d.scenario}
-    return open_driver(name, **options), name
+    driver = open_driver(name, **options)
+    return driver, driver.name
 
 
 def assemble(config: Config, *, hide_pmu: bool = False) -> Assembly:

@@ -67,6 +67,17 @@ def test_plan_advises_and_touches_nothing(make_domains: Any) -> None:
     assert after == before
 
 
+def test_plan_under_auto_advises_on_libvirt_domains_and_plain_qemu_alike(
+    make_domains: Any, make_qemu: Any
+) -> None:
+    (dom,) = make_domains(DomainSpec(vcpus=2))
+    plain = make_qemu(vcpus=2)
+    p = _cli("plan", "--driver", "auto", "--policy", "pack", "--interval", "0.5", "--json")
+    assert p.returncode == 0, p.stderr
+    moves = _only(json.loads(p.stdout)["moves"], {dom.name(), plain.name})
+    assert {(m["vm"], m["vcpu"]) for m in moves} == {(n, v) for n in (dom.name(), plain.name) for v in (0, 1)}
+
+
 def test_apply_pins_managed_vcpus_and_reports_them(make_domains: Any, libvirt_conn: Any) -> None:
     managed, off = make_domains(DomainSpec(vcpus=2), DomainSpec(vcpus=2, metadata=OFF))
     names = {managed.name(), off.name()}
