@@ -189,6 +189,9 @@ class Boolean(Check):
         return value
 
 
+INT64_MAX = 2**63 - 1
+
+
 @dataclass(frozen=True)
 class Number(Check):
     minimum: float | None = None
@@ -210,8 +213,11 @@ class Number(Check):
     def convert(self, value: object) -> int | float:
         ok_types = (int,) if self.integer else (int, float)
         # bool is an int subclass; TOML true is not a number.
-        if isinstance(value, bool) or not isinstance(value, ok_types) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, ok_types):
             raise TypeError
+        # TOML integers are 64-bit; tomllib reads any length, and a huge one overflows float().
+        if abs(value) > INT64_MAX if isinstance(value, int) else not math.isfinite(value):
+            raise ValueError
         if self.minimum is not None and (value < self.minimum or (self.exclusive and value == self.minimum)):
             raise ValueError
         return value if self.integer else float(value)

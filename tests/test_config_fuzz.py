@@ -81,3 +81,17 @@ def test_arbitrary_text(text: str) -> None:
 @given(documents)
 def test_arbitrary_toml_documents(doc: dict[str, Any]) -> None:
     _only_usage_error(_toml(doc))
+
+
+@SETTINGS
+@given(
+    key=st.sampled_from(
+        ["controller.interval_s", "guard.budget_per_tick", "metrics.port", "guard.cooldown_s"]
+    ),
+    digits=st.integers(min_value=19, max_value=400),
+    sign=st.sampled_from(["", "-"]),
+)
+def test_integers_beyond_64_bits_are_a_usage_error(key: str, digits: int, sign: str) -> None:
+    # tomllib reads integers of any length; float() of a 400-digit one overflows.
+    section, _, name = key.partition(".")
+    _only_usage_error(f"[{section}]\n{name} = {sign}{'9' * digits}\n")
