@@ -7,6 +7,9 @@ collector that reads thousands of threads a second may also answer
 sampler prefers the batch path where a collector has it and converts where it has not
 (:func:`batch_from_counters`); a batch collector gets its ``sample()`` from the batch path
 (:func:`counters_from_batch`), so both paths share one implementation.
+
+A collector with ``exact_liveness = True`` is sampled first, and which rows it saw is passed
+to the others as ``alive`` (see :meth:`BatchCollector.sample_batch`).
 """
 
 from __future__ import annotations
@@ -95,8 +98,14 @@ class Batch:
 class BatchCollector(Collector, Protocol):
     """A collector that can also fill a whole roster's rows at once (see :class:`Batch`)."""
 
-    def sample_batch(self, roster: Roster) -> Batch:
-        """Like ``sample(roster.refs)``, as arrays. Threads not in the roster are forgotten."""
+    def sample_batch(self, roster: Roster, alive: npt.NDArray[np.bool_] | None = None) -> Batch:
+        """Like ``sample(roster.refs)``, as arrays. Threads not in the roster are forgotten.
+
+        ``alive``, when given, says which rows' threads exist this round, as told by a collector
+        with ``exact_liveness = True`` (procfs: its kept fds answer ESRCH once a thread is gone,
+        even if the tid was reused); a collector may then skip its own check and treat the
+        other rows as gone.
+        """
         ...
 
 

@@ -24,13 +24,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import resource
-import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
+
+import numpy as np
+import numpy.typing as npt
 
 from adaptive_pin.errors import UsageError
 from adaptive_pin.model import (
@@ -42,6 +45,7 @@ from adaptive_pin.model import (
     ThreadRef,
 )
 from collectors import pfm
+from collectors.base import NO_CPU, NO_REASONS, Batch, FloatArray, Roster, counters_from_batch
 from collectors.perf_abi import (
     GROUP_READ_FORMAT,
     PERF_ATTR_SIZE,
@@ -151,10 +155,14 @@ class _Alive:
         if tasks is None:
             try:
                 tasks = frozenset(int(t) for t in os.listdir(f"{self._proc}/{pid}/task"))
-            except OSError:
-                tasks = frozenset()
+            except OSError as exc:
+                # Out of fds (our groups took them): cannot tell, so do not drop a thread.
+                tasks = _ANY if exc.errno in _FD_LIMIT else frozenset()
             self._tasks[pid] = tasks
-        return tid in tasks
+        return tasks is _ANY or tid in tasks
+
+
+_ANY: frozenset[int] = frozenset()  # _Alive's "could not list: assume there"
 
 
 @dataclass(slots=True, eq=False)
@@ -163,16 +171,10 @@ class _Group:
     fds: list[int]
     counters: tuple[str, ...]
     ids: tuple[int, ...]
-    units: tuple[float, ...]
     size: int  # bytes one group read returns
-    unpack: Callable[[bytes | bytearray], tuple[int, ...]]
     missing: Mapping[str, str]  # counters not in this group, and why
-    raw: list[int]  # last raw values (group order)
-    enabled: int = 0
-    running: int = 0
-    totals: Sequence[float] = field(default_factory=list)  # multiplex-scaled cumulative estimates
-    scale: float = 1.0  # enabled/running over the last interval
-    exact: bool = True  # never multiplexed so far: totals == raw
+    row: int = -1  # its row in the current roster
+    bufs: tuple[memoryview, ...] = ()  # its row's slot of the read buffer, for readv
 
     @property
     def leader(self) -> int:
@@ -193,6 +195,12 @@ class PerfCollector:
     ``events`` maps model counter names to perf event names; see :data:`DEFAULT_EVENTS`.
     Names are perf's own (``cycles``, ``LLC-load-misses``, ``task-clock``...), raw ``rNNNN``,
     or CPU-specific names resolved through libpfm4 where it is installed.
+
+    A :class:`~collectors.base.BatchCollector`: each round does one readv(2) per group into
+    that row's slot of one buffer, then the multiplex scaling of all groups at once in numpy
+    (state arrays row per thread, column per counter). Whether a thread still exists comes
+    from the ``alive`` rows the sampler passes (procfs's kept fds answer that exactly and for
+    free), else from one listdir of /proc/<pid>/task per process (see :class:`_Alive`).
     """
 
     name = "perf"
@@ -218,11 +226,21 @@ class PerfCollector:
         self._groups: dict[int, _Group] = {}
         self._missing: dict[frozenset[tuple[str, str]], Mapping[str, str]] = {}
         self._refused: dict[int, str] = {}  # tid -> per-thread reason (e.g. EACCES on that thread)
-        self._buf = bytearray(8 * (3 + 2 * max(1, len(self._specs))))
         self.unmonitored = 0  # threads asked for but without a group for lack of fds
         self._fd_note: str | None = None
         if probe:
             self._probe()
+        self._cols = tuple(self._specs)  # the batch's columns; a counter dropped later stays NaN
+        self._col_of = {c: j for j, c in enumerate(self._cols)}
+        self._units = np.array([UNIT_SCALE.get(c, 1.0) for c in self._cols])
+        k = len(self._cols)
+        # A row's slot: nr, time_enabled, time_running, (value, id) * k, then two zero words
+        # that absent counters point at.
+        self._width = 3 + 2 * k + 2
+        self._roster: Roster | None = None
+        self._rows: list[_Group | None] = []
+        self._buf = bytearray(0)
+        self._alloc(0)
 
     # --- set-up ---------------------------------------------------------------------
     def _resolve(self, counter: str, event: str) -> EventSpec | None:
@@ -282,64 +300,218 @@ class PerfCollector:
     def scale_of(self, tid: int) -> float | None:
         """enabled/running of the thread's group over its last interval (1.0: not multiplexed)."""
         g = self._groups.get(tid)
-        return None if g is None else g.scale
+        return None if g is None or g.row < 0 else float(self._scale[g.row])
 
     def sample(self, threads: Sequence[ThreadRef]) -> dict[int, ThreadCounters]:
-        wanted = {t.tid for t in threads}
-        for tid in self._groups.keys() - wanted:
-            self._close(tid)
-        for tid in self._refused.keys() - wanted:
-            del self._refused[tid]
-
-        out: dict[int, ThreadCounters] = {}
-        short: list[int] = []  # threads left without a group for lack of fds
-        can_open = True
-        buf = self._buf
-        alive = _Alive()
-        for t in threads:
-            tid = t.tid
-            g = self._groups.get(tid)
-            if g is None:
-                if not self._specs or tid in self._refused:
-                    if alive(t.pid, tid):
-                        out[tid] = self._unmonitored_counters(tid, self._refused.get(tid))
-                    continue
-                if not can_open:
-                    short.append(tid)
-                    continue
-                try:
-                    g = self._open(tid)
-                except _GoneError:
-                    continue
-                except _FdLimitError:
-                    can_open = False
-                    short.append(tid)
-                    continue
-                if g is None:
-                    if alive(t.pid, tid):
-                        out[tid] = self._unmonitored_counters(tid, self._refused.get(tid))
-                    continue
-            try:
-                n = os.readv(g.leader, (buf,))
-            except OSError:
-                n = 0
-            if n < g.size:  # EOF: the event is in error state; reopen next round if still there
-                self._close(tid)
-                continue
-            if not alive(t.pid, tid):
-                self._close(tid)
-                continue
-            out[tid] = self._read(g, buf)
-
-        self._note_fd_limit(short, threads, out, alive)
-        return out
+        roster = Roster(tuple(threads))
+        return counters_from_batch(roster, self.sample_batch(roster))
 
     def close(self) -> None:
         for tid in list(self._groups):
             self._close(tid)
 
+    # --- per-row state -----------------------------------------------------------------------
+    def _alloc(self, n: int) -> None:
+        k, w = len(self._cols), self._width
+        self._buf = bytearray(8 * w * n)
+        self._words = np.frombuffer(self._buf, np.uint64).reshape(n, w)
+        self._pos = np.full((n, k), w - 2, np.intp)  # word of each counter's value (pad: zero)
+        self._present = np.zeros((n, k), bool)
+        self._ids = np.zeros((n, k), np.uint64)
+        self._raw = np.zeros((n, k), np.uint64)  # last raw values
+        self._enabled = np.zeros(n, np.uint64)
+        self._running = np.zeros(n, np.uint64)
+        self._totals = np.zeros((n, k))  # multiplex-scaled cumulative estimates
+        self._scale = np.ones(n)  # enabled/running over the last interval
+        self._exact = np.ones(n, bool)  # never multiplexed so far: totals == raw
+
+    def _adopt(self, roster: Roster) -> None:
+        """Align the per-row state with a new roster; forget (close) threads not in it."""
+        if roster is self._roster:
+            return
+        wanted = set(roster.tids)
+        for tid in self._groups.keys() - wanted:
+            self._close(tid)
+        for tid in self._refused.keys() - wanted:
+            del self._refused[tid]
+        old = {
+            "_pos": self._pos,
+            "_present": self._present,
+            "_ids": self._ids,
+            "_raw": self._raw,
+            "_enabled": self._enabled,
+            "_running": self._running,
+            "_totals": self._totals,
+            "_scale": self._scale,
+            "_exact": self._exact,
+        }
+        groups = [self._groups.get(tid) for tid in roster.tids]
+        src = np.array([-1 if g is None else g.row for g in groups], np.intp)
+        self._alloc(len(roster))
+        keep = src >= 0
+        for name, arr in old.items():
+            getattr(self, name)[keep] = arr[src[keep]]
+        for i, g in enumerate(groups):
+            if g is not None:
+                self._place(g, i)
+        self._rows = groups
+        self._roster = roster
+
+    def _place(self, g: _Group, row: int) -> None:
+        g.row = row
+        start = 8 * self._width * row
+        g.bufs = (memoryview(self._buf)[start : start + g.size],)
+
+    def _reset_row(self, g: _Group, row: int) -> None:
+        """A freshly opened group in ``row``: its layout, and no history."""
+        self._place(g, row)
+        self._pos[row] = self._width - 2
+        self._present[row] = False
+        self._ids[row] = 0
+        for j, (c, id_) in enumerate(zip(g.counters, g.ids, strict=True)):
+            col = self._col_of[c]
+            self._pos[row, col] = 3 + 2 * j
+            self._present[row, col] = True
+            self._ids[row, col] = id_
+        self._raw[row] = 0
+        self._enabled[row] = self._running[row] = 0
+        self._totals[row] = 0.0
+        self._scale[row] = 1.0
+        self._exact[row] = True
+
+    # --- the round ------------------------------------------------------------------------------
+    def sample_batch(self, roster: Roster, alive: npt.NDArray[np.bool_] | None = None) -> Batch:
+        """One round over ``roster``. ``alive``: rows known to exist (others are closed, unread)."""
+        self._adopt(roster)
+        n = len(roster)
+        rows = self._rows
+        nan = math.nan
+        when: list[float] = [nan] * n
+        missing: list[Mapping[str, str]] = [NO_REASONS] * n
+        got: list[int] = []  # rows read
+        other: list[tuple[int, Mapping[str, str]]] = []  # rows there but without a group
+        short: list[int] = []  # rows left without a group for lack of fds
+        can_open = True
+        live = alive.tolist() if alive is not None else None
+        check = _Alive() if live is None else None
+        pids = roster.pids
+        readv, monotonic = os.readv, time.monotonic
+        for i in range(n):
+            g = rows[i]
+            if live is not None and not live[i]:
+                if g is not None:
+                    self._close(g.tid)
+                continue
+            if g is None:
+                tid = roster.tids[i]
+                opened: _Group | None
+                if not self._specs or tid in self._refused:
+                    other.append((i, self._unmonitored_missing(self._refused.get(tid))))
+                    continue
+                if not can_open:
+                    short.append(i)
+                    continue
+                try:
+                    opened = self._open(tid, i)
+                except _GoneError:
+                    continue
+                except _FdLimitError:
+                    can_open = False
+                    short.append(i)
+                    continue
+                if opened is None:
+                    other.append((i, self._unmonitored_missing(self._refused.get(tid))))
+                    continue
+                g = opened
+            try:
+                nread = readv(g.leader, g.bufs)
+            except OSError:
+                nread = 0
+            if nread < g.size:  # EOF: the event is in error state; reopen next round if still there
+                self._close(g.tid)
+                continue
+            when[i] = monotonic()
+            got.append(i)
+
+        if check is not None:  # no word from the sampler: ask /proc (an exited task's events still read)
+            gone = [i for i in got if not check(pids[i], roster.tids[i])]
+            for i in gone:
+                g = rows[i]
+                if g is not None:
+                    self._close(g.tid)
+                when[i] = nan
+            if gone:
+                dead = set(gone)
+                got = [i for i in got if i not in dead]
+            other = [(i, m) for i, m in other if check(pids[i], roster.tids[i])]
+        values = np.full((n, len(self._cols)), nan)
+        if got:
+            self._scale_rows(np.array(got, np.intp), values, when, missing)
+        now = monotonic()
+        for i, m in other:
+            when[i] = now
+            missing[i] = m
+        self._note_fd_limit(short, roster, when, missing, live, check)
+        return Batch(self._cols, values, np.array(when), np.full(n, NO_CPU, np.int64), missing)
+
+    def _scale_rows(
+        self,
+        ix: npt.NDArray[np.intp],
+        values: FloatArray,
+        when: list[float],
+        missing: list[Mapping[str, str]],
+    ) -> None:
+        """The rows' readings (in the buffer) -> multiplex-scaled cumulative counts, all at once."""
+        words = self._words[ix]
+        pos = self._pos[ix]
+        raw = np.take_along_axis(words, pos, axis=1)
+        ids = np.take_along_axis(words, pos + 1, axis=1)
+        for r in np.flatnonzero((ids != self._ids[ix]).any(axis=1)).tolist():
+            # never seen; the ABI lets the order differ, so honour the ids
+            row = int(ix[r])
+            g = self._rows[row]
+            assert g is not None
+            nr = len(g.ids)
+            by_id = dict(
+                zip(words[r, 4 : 4 + 2 * nr : 2].tolist(), words[r, 3 : 3 + 2 * nr : 2].tolist(), strict=True)
+            )
+            for c, id_ in zip(g.counters, g.ids, strict=True):
+                raw[r, self._col_of[c]] = by_id[id_]
+        enabled, running = words[:, 1], words[:, 2]
+        de = (enabled - self._enabled[ix]).astype(np.float64)
+        dr = (running - self._running[ix]).astype(np.float64)
+        out = (dr <= 0) & (de > 0)  # off the PMU for the whole interval: keep the baseline
+        exact = self._exact[ix] & (dr == de)
+        step = (raw.astype(np.int64) - self._raw[ix].astype(np.int64)).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = np.where(dr > 0, de / dr, 1.0)
+        totals = np.where(exact[:, None], raw.astype(np.float64), self._totals[ix] + step * scale[:, None])
+        upd = ix[~out]
+        keep = ~out
+        self._raw[upd] = raw[keep]
+        self._enabled[upd] = enabled[keep]
+        self._running[upd] = running[keep]
+        self._totals[upd] = totals[keep]
+        mux = keep & ~exact
+        self._exact[ix[mux]] = False
+        self._scale[ix[mux]] = scale[mux]
+        vals = np.where(self._present[ix], totals * self._units, math.nan)
+        vals[out] = math.nan
+        values[ix] = vals
+        rows = self._rows
+        for row in ix.tolist():
+            g = rows[row]
+            assert g is not None
+            missing[row] = g.missing
+        for r in np.flatnonzero(out).tolist():
+            row = int(ix[r])
+            g = rows[row]
+            assert g is not None
+            reason = f"multiplexed out: not counted in the last {de[r] / 1e6:.1f} ms"
+            missing[row] = MappingProxyType({**g.missing, **dict.fromkeys(g.counters, reason)})
+
     # --- per thread ----------------------------------------------------------------------
-    def _open(self, tid: int) -> _Group | None:
+    def _open(self, tid: int, row: int) -> _Group | None:
         fds: list[int] = []
         counters: list[str] = []
         missing = dict(self._unavailable)
@@ -376,46 +548,19 @@ class PerfCollector:
             fds=fds,
             counters=tuple(counters),
             ids=ids,
-            units=tuple(UNIT_SCALE.get(c, 1.0) for c in counters),
             size=8 * (3 + 2 * nr),
-            unpack=struct.Struct(f"{3 + 2 * nr}Q").unpack_from,
             missing=self._intern(missing),
-            raw=[0] * nr,
-            totals=[0.0] * nr,
         )
         self._groups[tid] = g
+        self._rows[row] = g
+        self._reset_row(g, row)
         return g
 
-    def _read(self, g: _Group, buf: bytearray) -> ThreadCounters:
-        vals = g.unpack(buf)
-        enabled, running = vals[1], vals[2]
-        raw = list(vals[3::2])
-        if vals[4::2] != g.ids:  # never seen; the ABI lets the order differ, so honour the ids
-            by_id = dict(zip(vals[4::2], vals[3::2], strict=True))
-            raw = [by_id[i] for i in g.ids]
-        de, dr = enabled - g.enabled, running - g.running
-        if dr <= 0 and de > 0:
-            # Off the PMU for the whole interval: keep the baseline so the next read covers it.
-            reason = f"multiplexed out: not counted in the last {de / 1e6:.1f} ms"
-            return ThreadCounters(
-                g.tid, time.monotonic(), {}, missing={**g.missing, **dict.fromkeys(g.counters, reason)}
-            )
-        if g.exact and dr == de:  # never multiplexed: the raw counts are the totals
-            g.totals = raw
-        else:
-            g.exact = False
-            g.scale = de / dr if dr > 0 else 1.0
-            steps = zip(g.totals, raw, g.raw, strict=True)
-            g.totals = [t + (scale_delta(v - r, de, dr) or 0.0) for t, v, r in steps]
-        g.raw, g.enabled, g.running = raw, enabled, running
-        values = {c: tot * u for c, tot, u in zip(g.counters, g.totals, g.units, strict=True)}
-        return ThreadCounters(g.tid, time.monotonic(), values, missing=g.missing)
-
-    def _unmonitored_counters(self, tid: int, reason: str | None) -> ThreadCounters:
+    def _unmonitored_missing(self, reason: str | None) -> Mapping[str, str]:
         missing = dict(self._unavailable)
         if reason:
             missing.update(dict.fromkeys(self._specs, reason))
-        return ThreadCounters(tid, time.monotonic(), {}, missing=self._intern(missing))
+        return self._intern(missing)
 
     def _intern(self, missing: dict[str, str]) -> Mapping[str, str]:
         """One shared read-only mapping per distinct content (cheap for thousands of threads)."""
@@ -426,7 +571,13 @@ class PerfCollector:
         return shared
 
     def _note_fd_limit(
-        self, short: list[int], threads: Sequence[ThreadRef], out: dict[int, ThreadCounters], alive: _Alive
+        self,
+        short: list[int],
+        roster: Roster,
+        when: list[float],
+        missing: list[Mapping[str, str]],
+        live: list[bool] | None,
+        check: _Alive | None,
     ) -> None:
         self.unmonitored = len(short)
         if not short:
@@ -434,18 +585,24 @@ class PerfCollector:
             return
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._fd_note = (
-            f"fd limit: RLIMIT_NOFILE={soft} reached; {len(short)} of {len(threads)} threads unmonitored "
+            f"fd limit: RLIMIT_NOFILE={soft} reached; {len(short)} of {len(roster)} threads unmonitored "
             f"(each needs {len(self._specs)} fds: raise LimitNOFILE)"
         )
         log.warning("perf: %s", self._fd_note)
-        pid_of = {t.tid: t.pid for t in threads}
-        for tid in short:
-            if alive(pid_of[tid], tid):
-                out[tid] = self._unmonitored_counters(tid, self._fd_note)
+        reason = self._unmonitored_missing(self._fd_note)
+        now = time.monotonic()
+        for i in short:
+            if check is None or check(roster.pids[i], roster.tids[i]):
+                when[i] = now
+                missing[i] = reason
 
     def _close(self, tid: int) -> None:
         g = self._groups.pop(tid, None)
         if g is not None:
+            if 0 <= g.row < len(self._rows) and self._rows[g.row] is g:
+                self._rows[g.row] = None
+            g.row = -1
+            g.bufs = ()
             self._close_fds(g.fds)
 
     @staticmethod

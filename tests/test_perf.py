@@ -345,3 +345,73 @@ def test_libpfm_encodes_symbolic_names_where_installed() -> None:
     perf = PerfCollector({LLC_MISSES: "NO_SUCH_EVENT", **SOFTWARE})
     assert "libpfm4 cannot encode 'NO_SUCH_EVENT'" in str(perf.capabilities()[LLC_MISSES])
     perf.close()
+
+
+# --- multiplex scaling through the collector (scripted group reads) ---------------------------------
+
+
+def _scripted_reads(
+    perf: PerfCollector, tid: int, script: list[tuple[int, int, int, int]]
+) -> Callable[..., int]:
+    """A stand-in for os.readv that answers the group's reads with (enabled, running, v1, v2)."""
+    import struct
+
+    g = perf._groups[tid]
+    steps = iter(script)
+
+    def readv(fd: int, bufs: list[memoryview]) -> int:
+        assert fd == g.leader
+        enabled, running, v1, v2 = next(steps)
+        words = (2, enabled, running, v1, g.ids[0], v2, g.ids[1])
+        struct.pack_into("7Q", bufs[0], 0, *words)
+        return 56
+
+    return readv
+
+
+def test_collector_scales_multiplexed_counts_and_says_when_multiplexed_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    perf = PerfCollector(SOFTWARE)
+    with worker() as w:
+        perf.sample([w.ref])  # opens the group
+        script = [
+            (1000, 1000, 100, 10),  # never multiplexed: the raw counts
+            (2000, 1500, 200, 20),  # counted 500 of 1000 ns: +100 raw is +200
+            (3000, 1500, 250, 30),  # not counted at all: None with a reason, baseline kept
+            (4000, 2000, 400, 40),  # 500 of 2000 ns since the last counted read: +200 is +800
+        ]
+        monkeypatch.setattr(os, "readv", _scripted_reads(perf, w.tid, script))
+        got = [perf.sample([w.ref])[w.tid] for _ in script]
+        scale = perf.scale_of(w.tid)
+        monkeypatch.undo()
+    perf.close()
+    assert got[0].values[TASK_CLOCK] == pytest.approx(100e-9)
+    assert got[0].values[CONTEXT_SWITCHES] == 10
+    assert got[1].values[TASK_CLOCK] == pytest.approx(300e-9)
+    assert got[1].values[CONTEXT_SWITCHES] == pytest.approx(30)
+    assert got[2].values == {}
+    assert got[2].missing[TASK_CLOCK] == "multiplexed out: not counted in the last 0.0 ms"
+    assert got[2].missing[CONTEXT_SWITCHES] == got[2].missing[TASK_CLOCK]
+    assert got[3].values[TASK_CLOCK] == pytest.approx(300e-9 + 800e-9)
+    assert got[3].values[CONTEXT_SWITCHES] == pytest.approx(30 + 80)
+    assert scale == pytest.approx(4.0)
+
+
+def test_liveness_from_the_sampler_closes_groups_without_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from collectors.base import Roster
+
+    perf = PerfCollector(SOFTWARE)
+    fds = _fd_count()
+    with worker() as w:
+        roster = Roster((w.ref,))
+        assert perf.sample_batch(roster).seen.tolist() == [True]
+        assert _fd_count() == fds + 2
+        gone = perf.sample_batch(roster, np.array([False]))  # e.g. procfs saw ESRCH
+        assert gone.seen.tolist() == [False]
+        assert _fd_count() == fds
+        back = perf.sample_batch(roster, np.array([True]))  # reopened: a fresh group, no history
+        assert back.seen.tolist() == [True] and _fd_count() == fds + 2
+    perf.close()

@@ -98,3 +98,56 @@ def test_a_garbled_file_names_itself_and_spares_other_threads(tmp_path: Path) ->
     assert "task/11/stat" in got[11].missing.get(CPU_TIME, "") or got[11].values[CPU_TIME] == 1.0
     assert got[11].last_cpu is None
     assert got[12].values == {CPU_TIME: 2.0, RUN_DELAY: 0.5}
+
+
+def test_a_kept_fd_answering_esrch_is_gone_then_the_tid_is_reopened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recycled tid: the kept fd belongs to the old thread; its ESRCH must not become a value."""
+    import errno
+
+    ref = _fake_task(tmp_path, 10, 11, _stat_line("CPU 0/KVM"), b"1000000000 5 1\n")
+    procfs = ProcfsCollector(proc=str(tmp_path))
+    assert procfs.sample([ref])[11].values[CPU_TIME] == 1.0
+    (tmp_path / "10/task/11/schedstat").write_bytes(b"3000000 0 1\n")  # the new thread's numbers
+    real = os.preadv
+
+    def esrch(fd: int, bufs: list[memoryview], offset: int) -> int:
+        raise OSError(errno.ESRCH, "No such process")
+
+    monkeypatch.setattr(os, "preadv", esrch)
+    monkeypatch.setattr(os, "pread", lambda *a: esrch(0, [], 0))
+    assert procfs.sample([ref]) == {}  # the old thread is gone; nothing stale, no new numbers yet
+    assert procfs._tasks == {}
+    monkeypatch.setattr(os, "preadv", real)
+    monkeypatch.undo()
+    assert procfs.sample([ref])[11].values[CPU_TIME] == pytest.approx(0.003)  # opened afresh
+    procfs.close()
+
+
+def test_last_cpu_is_reread_on_its_turn_and_only_if_the_thread_ran(tmp_path: Path) -> None:
+    ref = _fake_task(tmp_path, 10, 11, _stat_line("CPU 0/KVM", cpu=1), b"1000 5 7\n")
+    task = tmp_path / "10/task/11"
+    procfs = ProcfsCollector(proc=str(tmp_path), stat_every=2)
+    cpus = [procfs.sample([ref])[11].last_cpu]  # round 0: new, stat read
+    (task / "stat").write_bytes(_stat_line("CPU 0/KVM", cpu=3))
+    for _ in range(3):  # pcount unchanged: it has not been on a CPU since, so stat is not read
+        cpus.append(procfs.sample([ref])[11].last_cpu)
+    (task / "schedstat").write_bytes(b"2000 5 8\n")  # it ran
+    for _ in range(2):  # read on its next turn (every 2nd round), at most 1 round late
+        cpus.append(procfs.sample([ref])[11].last_cpu)
+    procfs.close()
+    assert cpus[:4] == [1, 1, 1, 1]
+    assert cpus[4:] in ([3, 3], [1, 3])
+
+
+def test_stat_every_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="stat_every"):
+        ProcfsCollector(stat_every=0)
+
+
+def test_procfs_is_a_batch_collector_with_exact_liveness() -> None:
+    from collectors.base import BatchCollector
+
+    procfs = ProcfsCollector()
+    assert isinstance(procfs, BatchCollector) and procfs.exact_liveness

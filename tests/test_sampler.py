@@ -220,3 +220,35 @@ def test_many_vcpus_each_keep_their_own_history() -> None:
 def test_negative_half_life_is_refused() -> None:
     with pytest.raises(ValueError, match="half_life_s"):
         Sampler([], half_life_s=-1)
+
+
+def test_rates_built_the_fast_way_equal_the_dataclass_built_normally() -> None:
+    from dataclasses import fields
+
+    from adaptive_pin.model import VCpuRates
+    from collectors import sampler as sampler_mod
+
+    assert sampler_mod._make_all is sampler_mod._make_all_fast  # the model still has this shape
+    script = {7: [tc(7, 0, llc=0, ins=0, cyc=0, cpu=0), tc(7, 1, llc=10, ins=1000, cyc=2000, cpu=0.5)]}
+    r = run(Sampler([Scripted("f", script)], 0), guest(7), 2)[1].rates[("g", 0)]
+    assert type(r) is VCpuRates
+    assert r == VCpuRates(**{f.name: getattr(r, f.name) for f in fields(VCpuRates)})
+    assert r.mpki == pytest.approx(10.0) and r.last_cpu == 1 and r.totals[LLC_MISSES] == 10
+
+
+def test_exact_liveness_collector_is_sampled_first_but_merged_in_order() -> None:
+    order: list[str] = []
+
+    class Logged(Scripted):
+        def sample(self, threads: Sequence[ThreadRef]) -> dict[int, ThreadCounters]:
+            order.append(self.name)
+            return super().sample(threads)
+
+    class LoggedLive(Logged):
+        exact_liveness = True
+
+    first = Logged("perf", {7: [tc(7, 0, cpu=0.0), tc(7, 1, cpu=0.8)]})
+    live = LoggedLive("procfs", {7: [tc(7, 0, cpu=0.0), tc(7, 1, cpu=0.2)]})
+    r = run(Sampler([first, live], 0), guest(7), 2)[1].rates[("g", 0)]
+    assert order == ["procfs", "perf", "procfs", "perf"]
+    assert r.utilization == pytest.approx(0.8)  # the first listed collector still wins
