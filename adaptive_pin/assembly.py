@@ -58,7 +58,11 @@ def assemble(config: Config, *, hide_pmu: bool = False) -> Assembly:
     driver, name = open_configured_driver(config)
     try:
         runtime = build_runtime(
-            driver, sysfs_root=str(config.host.sysfs_root), reserved=config.host.reserved, hide_pmu=hide_pmu
+            driver,
+            sysfs_root=str(config.host.sysfs_root),
+            reserved=config.host.reserved,
+            hide_pmu=hide_pmu,
+            collectors=config.collectors,
         )
         validate_against(config, runtime.topology)  # CPUs named that the host lacks, nothing left
         controller = Controller(

@@ -28,7 +28,15 @@ from typing import Any, Literal, cast
 from adaptive_pin.controller import ControllerSettings
 from adaptive_pin.errors import UsageError
 from adaptive_pin.guard import GuardSettings
-from adaptive_pin.model import CpuListError, CpuSet, Topology
+from adaptive_pin.model import (
+    CYCLES,
+    INSTRUCTIONS,
+    LLC_MISSES,
+    LLC_REFERENCES,
+    CpuListError,
+    CpuSet,
+    Topology,
+)
 from adaptive_pin.verify import VerifySettings
 
 log = logging.getLogger("adaptive_pin.config")
@@ -103,6 +111,30 @@ class ControllerConfig:
 
 
 @dataclass(frozen=True)
+class CollectorsConfig:
+    """Which counters are read, and how (a real host; the simulator has its own)."""
+
+    perf: bool = True
+    cycles_event: str = "cycles"
+    instructions_event: str = "instructions"
+    llc_misses_event: str = "cache-misses"
+    llc_references_event: str = "cache-references"
+    exclude_kernel: bool = False
+    context_switches: bool = False
+    last_cpu_every: int = 4
+
+    def perf_events(self) -> dict[str, str]:
+        """Model counter -> perf event name; an empty name leaves that counter out."""
+        named = {
+            CYCLES: self.cycles_event,
+            INSTRUCTIONS: self.instructions_event,
+            LLC_MISSES: self.llc_misses_event,
+            LLC_REFERENCES: self.llc_references_event,
+        }
+        return {counter: event for counter, event in named.items() if event}
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     name: str = "cache-aware"
     options: Mapping[str, Any] = field(default_factory=_empty)
@@ -127,6 +159,7 @@ class Config:
     driver: DriverConfig = field(default_factory=DriverConfig)
     pinnability: PinnabilityConfig = field(default_factory=PinnabilityConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    collectors: CollectorsConfig = field(default_factory=CollectorsConfig)
     guard: GuardSettings = field(default_factory=GuardSettings)
     verify: VerifySettings = field(default_factory=VerifySettings)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -325,6 +358,10 @@ class Section:
 
 
 _G, _V = GuardSettings(), VerifySettings()
+_EVENT_DOC = (
+    "perf's own name (see perf list), a raw rNNNN, or a CPU-specific name libpfm4 resolves; "
+    '"" leaves the counter out.'
+)
 
 SECTIONS: tuple[Section, ...] = (
     Section(
@@ -395,6 +432,35 @@ SECTIONS: tuple[Section, ...] = (
             Option("restore_on_exit", Boolean(), "On exit, put every moved vCPU back where it was found."),
         ),
         ControllerConfig,
+    ),
+    Section(
+        "collectors",
+        "The counters sampled per vCPU thread on a real host: perf_event_open groups and /proc.",
+        (
+            Option("perf", Boolean(), "Open perf events at all (false: CPU time and cohesion only)."),
+            Option("cycles_event", Text(), "Event counted as cycles: " + _EVENT_DOC),
+            Option("instructions_event", Text(), "Event counted as instructions: " + _EVENT_DOC),
+            Option("llc_misses_event", Text(), "Event counted as LLC misses: " + _EVENT_DOC),
+            Option(
+                "llc_references_event",
+                Text(),
+                "Event counted as LLC references (cache-aware reads cache sensitivity off the hit "
+                "share): " + _EVENT_DOC,
+            ),
+            Option("exclude_kernel", Boolean(), "Count user space only (perf's :u), as paranoid 2 requires."),
+            Option(
+                "context_switches",
+                Boolean(),
+                "Also read voluntary/involuntary context switches from /proc (about 8 us per vCPU a round).",
+            ),
+            Option(
+                "last_cpu_every",
+                Number(1, integer=True),
+                "Re-read each thread's last CPU (/proc stat) every this many rounds (1: every round, "
+                "about 5 us per vCPU more).",
+            ),
+        ),
+        CollectorsConfig,
     ),
     Section(
         "guard",

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from adaptive_pin.config import CollectorsConfig
 from adaptive_pin.drivers.base import Driver
 from adaptive_pin.model import CpuSet, Topology
 from adaptive_pin.topology import read_topology
@@ -60,7 +61,12 @@ def _online(text: str) -> CpuSet:
 
 
 def build_runtime(
-    driver: Driver, *, sysfs_root: str = "/", reserved: CpuSet = CpuSet(), hide_pmu: bool = False
+    driver: Driver,
+    *,
+    sysfs_root: str = "/",
+    reserved: CpuSet = CpuSet(),
+    hide_pmu: bool = False,
+    collectors: CollectorsConfig | None = None,
 ) -> Runtime:
     from adaptive_pin.drivers.sim import SimDriver
 
@@ -75,8 +81,11 @@ def build_runtime(
     from collectors.perf import PerfCollector
     from collectors.procfs import ProcfsCollector
 
+    c = collectors or CollectorsConfig()
     topology = read_topology(sysfs_root, reserved=reserved)
-    collectors: list[Collector] = [ProcfsCollector()]
-    if not hide_pmu:
-        collectors.append(PerfCollector())
-    return Runtime(driver, collectors, topology, time.monotonic, OnlineWatcher(sysfs_root, topology))
+    sources: list[Collector] = [
+        ProcfsCollector(context_switches=c.context_switches, stat_every=c.last_cpu_every)
+    ]
+    if c.perf and not hide_pmu:
+        sources.append(PerfCollector(c.perf_events(), exclude_kernel=c.exclude_kernel))
+    return Runtime(driver, sources, topology, time.monotonic, OnlineWatcher(sysfs_root, topology))

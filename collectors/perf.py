@@ -40,6 +40,7 @@ from adaptive_pin.model import (
     CYCLES,
     INSTRUCTIONS,
     LLC_MISSES,
+    LLC_REFERENCES,
     TASK_CLOCK,
     ThreadCounters,
     ThreadRef,
@@ -58,11 +59,15 @@ from collectors.perf_abi import (
 
 log = logging.getLogger(__name__)
 
-# model counter name -> perf event name (perf's spelling, rNNNN, or a libpfm4 name)
+# model counter name -> perf event name (perf's spelling, rNNNN, or a libpfm4 name).
+# cache-references beside cache-misses: cache-aware reads a vCPU's cache sensitivity off its
+# LLC hit share. Four hardware events fit one group on every x86 PMU (cycles and instructions
+# take fixed counters on Intel), so nothing is multiplexed.
 DEFAULT_EVENTS: Mapping[str, str] = {
     CYCLES: "cycles",
     INSTRUCTIONS: "instructions",
     LLC_MISSES: "cache-misses",
+    LLC_REFERENCES: "cache-references",
 }
 
 # Counters whose kernel unit differs from the unit in the model's name.

@@ -223,7 +223,7 @@ def test_hardware_events_without_a_pmu_report_enoent_once() -> None:
 def test_only_hardware_events_without_a_pmu_open_nothing_per_thread() -> None:
     if _has_pmu():
         pytest.skip("this host has a PMU")
-    perf = PerfCollector()  # the default: cycles, instructions, cache-misses
+    perf = PerfCollector()  # the default: cycles, instructions, cache-misses, cache-references
     fds = _fd_count()
     with worker() as w:
         got = perf.sample([w.ref])[w.tid]
