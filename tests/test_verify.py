@@ -95,3 +95,117 @@ def test_bad_placement_expires(topo: Topology) -> None:
     assert (("g1", 0), CpuSet.of(2)) in j2.bad_placements(60)
     assert j.bad_placements(102) == frozenset()
     assert j2.bad_placements(102) == frozenset()
+
+
+# --- like-for-like: interval counts, workload changes, floating vCPUs, IPC ------------------
+
+
+@pytest.fixture(scope="module")
+def two_llc() -> Topology:
+    return read_topology(fixture_root("32intel64-2p8co2t+8ve"))  # 2 sockets, one L3 each
+
+
+class _Counts:
+    """Cumulative counters of one vCPU, advanced one control interval at a time."""
+
+    def __init__(self) -> None:
+        self.totals = {"instructions": 0.0, "cycles": 0.0, "llc_misses": 0.0, "llc_references": 0.0}
+
+    def step(self, mpki: float, ipc: float, apki: float = 12.0, instructions: float = 1e10) -> VCpuRates:
+        t = self.totals
+        t["instructions"] += instructions
+        t["cycles"] += instructions / ipc
+        t["llc_misses"] += instructions * mpki / 1000
+        t["llc_references"] += instructions * apki / 1000
+        # the smoothed rates deliberately disagree: the journal must read the interval's own counts
+        return VCpuRates(mpki=mpki * 0.5, ipc=ipc * 2, totals=dict(t))
+
+
+def _counted(
+    topo: Topology,
+    move: Move,
+    before: list[tuple[float, float, float]],
+    after: list[tuple[float, float, float]],
+) -> list[Verdict]:
+    """(MPKI, IPC, APKI) per interval before and after ``move``; the first look has no interval."""
+    guest = Guest("g1", "vm1", 1, (VCpu(0, 10, move.from_cpus),), Pinnability(True, PinSource.DEFAULT), "t")
+    j = MoveJournal(VerifySettings(window_ticks=3, settle_ticks=1, rollback_margin=0.1))
+    c = _Counts()
+    t = 0.0
+
+    def snap(rates: VCpuRates) -> Snapshot:
+        return Snapshot(time=t, topology=topo, guests=(guest,), rates={("g1", 0): rates})
+
+    assert j.observe(snap(VCpuRates(totals=dict(c.totals)))) == []
+    for mpki, ipc, apki in before:
+        t += 5
+        assert j.observe(snap(c.step(mpki, ipc, apki))) == []
+    j.record(move, t)
+    verdicts: list[Verdict] = []
+    for mpki, ipc, apki in after:
+        t += 5
+        verdicts += [o.verdict for o in j.observe(snap(c.step(mpki, ipc, apki)))]
+    return verdicts
+
+
+PINNED = Move("g1", "vm1", 0, CpuSet.parse("1-3"), CpuSet.parse("9-11"), "test", 1.0)  # socket 0 -> 1
+FLOATING = Move("g1", "vm1", 0, CpuSet.parse("1-15,17-31"), CpuSet.parse("9-15"), "test", 1.0, "initial")
+SETTLE = (9.0, 0.1, 12.0)  # the refill interval right after the move: never counted
+
+
+def test_settled_worse_with_ipc_down_is_rolled_back(two_llc: Topology) -> None:
+    before = [(2.0, 1.0, 12.0)] * 3
+    assert _counted(two_llc, PINNED, before, [SETTLE] + [(3.0, 0.8, 12.0)] * 3) == [Verdict.ROLLED_BACK]
+
+
+def test_more_misses_but_faster_is_kept(two_llc: Topology) -> None:
+    # off a busy SMT sibling, into a fuller cache: MPKI +50% but IPC up: the vCPU is better off
+    before = [(2.0, 1.0, 12.0)] * 3
+    assert _counted(two_llc, PINNED, before, [SETTLE] + [(3.0, 1.1, 12.0)] * 3) == [Verdict.KEPT]
+
+
+def test_interval_counts_not_smoothed_rates(two_llc: Topology) -> None:
+    # counts say unchanged; the smoothed rates (half the MPKI, twice the IPC) are not read
+    before = [(2.0, 1.0, 12.0)] * 3
+    assert _counted(two_llc, PINNED, before, [SETTLE] + [(2.05, 1.0, 12.0)] * 3) == [Verdict.KEPT]
+
+
+def test_a_workload_change_gets_no_verdict(two_llc: Topology) -> None:
+    # a compute phase turns into streaming as it is moved: misses per instruction jump, but so do
+    # its LLC references per instruction -- the workload changed, not the placement
+    before = [(0.01, 2.0, 0.02)] * 3
+    after = [SETTLE] + [(40.0, 0.4, 40.0)] * 3
+    assert _counted(two_llc, PINNED, before, after) == [Verdict.UNMEASURED]
+    # ... also when the change began inside the before-window
+    before = [(0.01, 2.0, 0.02), (0.01, 2.0, 0.02), (30.0, 0.5, 30.0)]
+    assert _counted(two_llc, PINNED, before, after) == [Verdict.UNMEASURED]
+
+
+def test_first_placement_from_one_cold_start_reading_is_not_judged(two_llc: Topology) -> None:
+    # placed one tick after it appeared, floating over both sockets: its one reading is the cold
+    # start, wherever the scheduler put it while every VM was being placed
+    after = [SETTLE] + [(2.9, 0.75, 12.0)] * 3
+    assert _counted(two_llc, FLOATING, [(1.7, 1.2, 12.0)], after) == [Verdict.UNMEASURED]
+    # with a settled before-window it is judged like any other move
+    assert _counted(two_llc, FLOATING, [(1.7, 1.2, 12.0)] * 3, after) == [Verdict.ROLLED_BACK]
+
+
+def test_an_unsettled_window_needs_ipc_to_agree(two_llc: Topology) -> None:
+    # a pinned vCPU with one reading: an MPKI rise with IPC down by more than the margin is worse ...
+    after = [SETTLE] + [(3.0, 0.7, 12.0)] * 3
+    assert _counted(two_llc, PINNED, [(2.0, 1.0, 12.0)], after) == [Verdict.ROLLED_BACK]
+    # ... IPC within the margin is not enough evidence
+    after = [SETTLE] + [(3.0, 0.95, 12.0)] * 3
+    assert _counted(two_llc, PINNED, [(2.0, 1.0, 12.0)], after) == [Verdict.KEPT]
+    # MPKI readings that jump (another VM arrived next to it) are not a settled baseline either
+    jumpy = [(1.0, 1.0, 12.0), (1.0, 1.0, 12.0), (2.5, 1.0, 12.0)]
+    after = [SETTLE] + [(1.9, 0.95, 12.0)] * 3
+    assert _counted(two_llc, PINNED, jumpy, after) == [Verdict.KEPT]
+
+
+def test_an_unsettled_window_without_ipc_is_unmeasured(topo: Topology) -> None:
+    j = MoveJournal(VerifySettings(window_ticks=3, settle_ticks=1))
+    j.observe(_snap(topo, 0, 5.0))
+    j.record(MOVE, 1)
+    outs = [o.verdict for t in range(2, 6) for o in j.observe(_snap(topo, t, 9.0))]
+    assert outs == [Verdict.UNMEASURED]
