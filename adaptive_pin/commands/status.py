@@ -16,6 +16,7 @@ from adaptive_pin.commands._common import (
     open_driver_from_args,
     seconds,
 )
+from adaptive_pin.config import DEFAULT_PATH, load_config, pinnability_rules
 from adaptive_pin.drivers.base import Driver
 from adaptive_pin.errors import UsageError
 from adaptive_pin.live_table import NO_PMU
@@ -239,13 +240,17 @@ def _sampled(driver: Driver, sampler: Sampler, seconds: float) -> tuple[Inventor
 
 
 def run(args: argparse.Namespace) -> int:
-    driver = open_driver_from_args(args)
+    # The daemon's view: its [[pinnability.vm]] overrides, its counters, its smoothing.
+    config = load_config(args.config)
+    driver = open_driver_from_args(args, rules=pinnability_rules(config))
     try:
         if args.sample <= 0 and not args.watch:
             inventory, result = driver.inventory(), None
         else:
-            runtime = build_runtime(driver)
-            sampler = Sampler(runtime.collectors)
+            runtime = build_runtime(
+                driver, sysfs_root=str(config.host.sysfs_root), collectors=config.collectors
+            )
+            sampler = Sampler(runtime.collectors, half_life_s=config.controller.half_life_s)
             try:
                 if args.watch:
                     return _watch(driver, sampler, max(args.sample, 0.2))
@@ -310,6 +315,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_driver_arguments(parser)
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"config file for per-VM pinnability overrides and [collectors] (default: {DEFAULT_PATH} "
+        "if present)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
         "--sample",

@@ -136,3 +136,16 @@ def test_status_on_plain_qemu_shows_threads_and_says_what_is_missing(make_qemu: 
             assert r["mpki"] is None and r["missing"]["mpki"].startswith("no PMU")
         else:
             assert r["mpki"] is not None
+
+
+def test_status_shows_the_config_files_per_vm_override_as_the_daemon_would(
+    make_qemu: Any, tmp_path: Path
+) -> None:
+    off, other = make_qemu(vcpus=1), make_qemu(vcpus=1)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[[pinnability.vm]]\nname = "{off.name}"\nmode = "off"\n')
+    p = _cli("status", "--driver", "qemu", "--sample", "0", "--json", "--config", str(config))
+    assert p.returncode == 0, p.stderr
+    by_name = {g["name"]: g["pinnability"] for g in json.loads(p.stdout)["guests"]}
+    assert (by_name[off.name]["managed"], by_name[off.name]["source"]) == (False, "config")
+    assert (by_name[other.name]["managed"], by_name[other.name]["source"]) == (True, "default")
