@@ -145,6 +145,7 @@ class Controller:
             return Snapshot(time=self.clock(), topology=self.topology, guests=(), rates={})
         now = self.clock()  # after the inventory: a simulated host's clock advances inside it
         self._last_inventory = inv
+        self._forget_departed(inv)
         for guest, err in inv.errors.items():
             errors["guest"] += 1
             log.warning("guest %s: %s", guest, err)
@@ -169,6 +170,18 @@ class Controller:
             taken=taken & self.topology.online,
             bad_placements=self.journal.bad_placements(now),
         )
+
+    def _forget_departed(self, inv: Inventory) -> None:
+        """Drop the original affinities of VMs that are gone (bounded under churn).
+
+        Only after a complete look: a VM the driver could not read this time may still be
+        running, and its originals are what restores it, so nothing is dropped in that tick.
+        """
+        if inv.errors or not self.original_affinity:
+            return
+        live = {g.id for g in inv.guests}
+        for key in [k for k in self.original_affinity if k[0] not in live]:
+            del self.original_affinity[key]
 
     def _decide(self, snapshot: Snapshot, errors: Counter[str]) -> Plan:
         try:

@@ -10,6 +10,12 @@ error message of a second instance.
 The file is never unlinked: with unlink-on-exit, a starting daemon could lock the old inode
 just before it is removed while a third creates and locks a new one, and two would run.
 The descriptor is O_CLOEXEC so children (QEMU helpers, subprocesses) never inherit the lock.
+
+What it refuses to touch (a mistyped ``--lock-file`` must not damage anything, as root): a
+symlink (O_NOFOLLOW), anything but a regular file (a device, a FIFO: checked with fstat before
+a byte is written), and a regular file that holds anything but a pid (``/etc/passwd``,
+``/proc/self/status``): such a file is never truncated. Every OSError becomes one
+:class:`LockFileError` line (exit status 2) naming the file.
 """
 
 from __future__ import annotations
@@ -18,14 +24,23 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 from types import TracebackType
 
-from adaptive_pin.errors import AdaptivePinError
+from adaptive_pin.errors import AdaptivePinError, UsageError
 
 
 class AlreadyRunningError(AdaptivePinError):
     """Another process holds the lock; the message names its pid."""
+
+
+class LockFileError(UsageError):
+    """The lock file cannot be created, opened or written, or is not ours to overwrite."""
+
+
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
+_MAX_PID_BYTES = 32
 
 
 class InstanceLock:
@@ -45,10 +60,11 @@ class InstanceLock:
             return
         try:
             self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, _OPEN_FLAGS, 0o644)
         except OSError as exc:
-            raise AdaptivePinError(f"{self.path}: cannot open the lock file: {exc.strerror or exc}") from None
+            raise LockFileError(f"{self.path}: cannot open the lock file: {_why(exc)}") from None
         try:
+            _check_ours(fd, self.path)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             holder = _read_pid(fd)
@@ -58,10 +74,19 @@ class InstanceLock:
                 raise AlreadyRunningError(
                     f"another adaptive-pin is running ({who} holds {self.path})"
                 ) from None
-            raise AdaptivePinError(f"{self.path}: cannot lock: {exc.strerror or exc}") from None
+            raise LockFileError(f"{self.path}: cannot lock: {_why(exc)}") from None
+        except LockFileError:
+            os.close(fd)
+            raise
         # Ours now: replace whatever pid a previous (dead) holder left.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise LockFileError(
+                f"{self.path}: cannot write the pid into the lock file: {_why(exc)}"
+            ) from None
         self._fd = fd
 
     def release(self) -> None:
@@ -81,6 +106,28 @@ class InstanceLock:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "it is a symlink (refused: the lock must be a plain file)"
+    return str(exc.strerror or exc)
+
+
+def _check_ours(fd: int, path: Path) -> None:
+    """A regular file, empty or holding a pid: anything else is not a lock file to overwrite."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise LockFileError(f"{path}: not a regular file: refusing to use it as the lock file")
+    try:
+        head = os.pread(fd, _MAX_PID_BYTES + 1, 0)
+    except OSError as exc:
+        raise LockFileError(f"{path}: cannot read the lock file: {_why(exc)}") from None
+    text = head.strip()
+    if len(head) > _MAX_PID_BYTES or (text and not text.isdigit()):
+        raise LockFileError(
+            f"{path}: holds something other than a pid: not an adaptive-pin lock file, left untouched"
+        )
 
 
 def _read_pid(fd: int) -> int | None:

@@ -82,6 +82,28 @@ VCPU_COUNTERS: Final = (
 
 _VCPU_LABELS: Final = ("host", "domain", "vcpu")
 
+# The bounded, known label values that :meth:`MetricsExporter.prepare` creates at 0.
+TRIGGERS: Final = ("timer", "event")
+MOVE_KINDS: Final = ("initial", "rebalance", "cohesion", "refit", "rollback")
+VERDICTS: Final = tuple(v.value for v in Verdict if v is not Verdict.PENDING)
+# Controller kinds (controller.py), then the daemon's (daemon.py: FaultWatch, a failed tick,
+# the state file). guest_gone and thread_gone are routine under churn (a VM stopping mid-tick).
+ERROR_KINDS: Final = (
+    "inventory",
+    "guest",
+    "sample",
+    "policy",
+    "topology",
+    "guest_gone",
+    "pin",
+    "thread_gone",
+    "counters_vanished",
+    "cpu_offline",
+    "fd_exhaustion",
+    "tick",
+    "state",
+)
+
 
 @dataclass(frozen=True)
 class _Latest:
@@ -194,6 +216,12 @@ class MetricsExporter:
             buckets=MPKI_BUCKETS,
             registry=reg,
         )
+        self._overruns = Counter(
+            PREFIX + "tick_overruns",
+            "Ticks that took longer than the configured interval (the next one then started at once).",
+            ["host"],
+            registry=reg,
+        )
         self._tick_duration = Histogram(
             PREFIX + "tick_duration_seconds",
             "Wall time one controller tick took (inventory, sampling, decision, pinning, verification).",
@@ -203,6 +231,37 @@ class MetricsExporter:
         )
         reg.register(_SnapshotCollector(self))
         ProcessCollector(registry=reg)
+
+    def prepare(self, policy: str) -> None:
+        """Create every known label set at 0 (call before serving, and for a new policy).
+
+        ``increase()`` cannot see the first jump of a series that is born at 1: a first error,
+        rollback or the moves of a VM's initial placement would never show. Only bounded,
+        known values are created (``TRIGGERS``, ``MOVE_KINDS``, ``VERDICTS``, ``ERROR_KINDS``);
+        a kind outside them still appears when first counted.
+        """
+        host = self.host
+        for trigger in TRIGGERS:
+            self._ticks.labels(host, trigger)
+        for kind in ERROR_KINDS:
+            self._errors.labels(host, kind)
+        self._overruns.labels(host)
+        self._tick_duration.labels(host)
+        for kind in MOVE_KINDS:
+            for family in (self._migrations, self._planned, self._refused):
+                family.labels(host, policy, kind)
+        for verdict in VERDICTS:
+            self._verdicts.labels(host, policy, verdict)
+        self._rollbacks.labels(host, policy)
+        self._mpki_before.labels(host, policy)
+        self._mpki_after.labels(host, policy)
+
+    def count_error(self, kind: str, count: int = 1) -> None:
+        """A fault met outside a TickReport (a tick that raised, the state file not written)."""
+        self._errors.labels(self.host, kind).inc(count)
+
+    def count_overrun(self) -> None:
+        self._overruns.labels(self.host).inc()
 
     # --- called by the controller, once per tick -----------------------------------------------
     def observe(self, report: TickReport) -> None:

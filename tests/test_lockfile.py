@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from adaptive_pin.lockfile import AlreadyRunningError, InstanceLock
+from adaptive_pin.lockfile import AlreadyRunningError, InstanceLock, LockFileError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,3 +98,58 @@ def test_unopenable_lock_file_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"cannot open the lock file") as err:
         InstanceLock(blocker / "x.lock").acquire()
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content", ["root:x:0:0:root:/root:/bin/bash\n", "12ab\n", "-1\n", "9" * 40 + "\n"])
+def test_a_file_that_is_not_a_lock_is_refused_and_left_untouched(tmp_path: Path, content: str) -> None:
+    # e.g. --lock-file /etc/passwd by mistake, as root: it must not be truncated.
+    path = tmp_path / "passwd"
+    path.write_text(content)
+    with pytest.raises(
+        LockFileError, match=r"holds something other than a pid: not an adaptive-pin lock"
+    ) as err:
+        InstanceLock(path).acquire()
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+    assert path.read_text() == content
+
+
+def test_proc_files_are_refused_without_a_traceback(tmp_path: Path) -> None:
+    # Writable or not (root may open it O_RDWR), /proc/self/status is not a pid file.
+    with pytest.raises(LockFileError, match=r"^/proc/self/status: ") as err:
+        InstanceLock("/proc/self/status").acquire()
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+    with pytest.raises(LockFileError, match=r"^/proc/x/lock: cannot open the lock file: "):
+        InstanceLock("/proc/x/lock").acquire()
+
+
+def test_devices_fifos_and_symlinks_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(LockFileError, match=r"/dev/null: not a regular file"):
+        InstanceLock("/dev/null").acquire()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(LockFileError, match=r"not a regular file"):
+        InstanceLock(fifo).acquire()
+    target = tmp_path / "precious"
+    target.write_text("")
+    link = tmp_path / "link.lock"
+    link.symlink_to(target)
+    with pytest.raises(LockFileError, match=r"it is a symlink"):
+        InstanceLock(link).acquire()
+    assert target.read_text() == ""  # nothing written through the link
+
+
+def test_empty_file_and_a_dead_holders_pid_are_taken(tmp_path: Path) -> None:
+    for content in ("", "4242\n"):
+        path = tmp_path / f"lock{len(content)}"
+        path.write_text(content)
+        with InstanceLock(path):
+            assert path.read_text() == f"{os.getpid()}\n"
+
+
+def test_the_lock_descriptor_is_close_on_exec(tmp_path: Path) -> None:
+    import fcntl
+
+    lock = InstanceLock(tmp_path / "l")
+    with lock:
+        assert lock._fd is not None
+        assert fcntl.fcntl(lock._fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC

@@ -343,3 +343,44 @@ def test_default_address_is_loopback_on_the_documented_port() -> None:
     assert parse_address(DEFAULT_ADDRESS)[1] == DEFAULT_PORT
     assert not 9100 <= DEFAULT_PORT <= 9999  # that range of the allocations wiki is full
     assert DEFAULT_PORT < 32768  # below Linux's ephemeral ports
+
+
+def test_prepare_creates_every_known_label_set_at_zero(exporter: MetricsExporter) -> None:
+    # increase() cannot see the first jump of a series born at 1: the daemon prepares the
+    # bounded, known label sets before its first scrape so a first move, error or rollback shows.
+    from adaptive_pin.metrics import ERROR_KINDS, MOVE_KINDS, TRIGGERS, VERDICTS
+
+    exporter.prepare("cache-aware")
+    s = scrape(exporter)
+    for kind in MOVE_KINDS:
+        for name in ("migrations", "moves_planned", "moves_refused"):
+            assert value(s, f"adaptive_pin_{name}_total", policy="cache-aware", kind=kind) == 0
+    assert "initial" in MOVE_KINDS and "rollback" in MOVE_KINDS
+    for verdict in VERDICTS:
+        assert value(s, "adaptive_pin_move_verdicts_total", policy="cache-aware", verdict=verdict) == 0
+    assert "pending" not in VERDICTS
+    assert value(s, "adaptive_pin_rollbacks_total", policy="cache-aware") == 0
+    for kind in ERROR_KINDS:
+        assert value(s, "adaptive_pin_errors_total", kind=kind) == 0
+    for trigger in TRIGGERS:
+        assert value(s, "adaptive_pin_ticks_total", trigger=trigger) == 0
+    assert value(s, "adaptive_pin_tick_overruns_total") == 0
+    assert value(s, "adaptive_pin_move_mpki_before_count", policy="cache-aware") == 0
+    # Then the first initial placement is a jump from 0, and the other kinds stay at 0.
+    _, (_web, db), snap = demo_host()
+    m = move(db, 0, CpuSet.of(3, 7), kind="initial")
+    exporter.observe(tick_report(snap, policy="cache-aware", applied=[m]))
+    s = scrape(exporter)
+    assert value(s, "adaptive_pin_migrations_total", kind="initial") == 1
+    assert value(s, "adaptive_pin_migrations_total", kind="rebalance") == 0
+
+
+def test_daemon_level_faults_and_overruns_are_counted(exporter: MetricsExporter) -> None:
+    exporter.count_error("tick")
+    exporter.count_error("thread_gone", 3)
+    exporter.count_overrun()
+    exporter.count_overrun()
+    s = scrape(exporter)
+    assert value(s, "adaptive_pin_errors_total", kind="tick") == 1
+    assert value(s, "adaptive_pin_errors_total", kind="thread_gone") == 3
+    assert value(s, "adaptive_pin_tick_overruns_total", host="hv1") == 2

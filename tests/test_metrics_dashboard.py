@@ -24,8 +24,9 @@ DS_VAR = {"type": "prometheus", "uid": "${datasource}"}
 
 
 def exported_names() -> set[str]:
-    """Every sample name the exporter writes for a host with moves, verdicts and errors."""
+    """Every sample name the exporter writes for a host with moves, verdicts, errors and an overrun."""
     exporter = MetricsExporter("hv1")
+    exporter.count_overrun()
     _, (_web, db), snap = demo_host()
     m = move(db, 0, CpuSet.of(3, 7))
     exporter.observe(

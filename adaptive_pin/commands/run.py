@@ -14,6 +14,7 @@ from adaptive_pin.commands._controller_args import (
 )
 from adaptive_pin.config import DEFAULT_PATH
 from adaptive_pin.daemon import Daemon, DaemonOptions, ensure_dirs, setup_logging
+from adaptive_pin.errors import UsageError
 from adaptive_pin.model import TickReport
 
 ORDER = 50
@@ -71,6 +72,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ticks is not None and args.ticks < 1:
+        raise UsageError(
+            f"--ticks {args.ticks}: expected a number of ticks >= 1 (leave it out to run until stopped)"
+        )
     config, overrides = effective_config(
         args,
         **{

@@ -125,6 +125,7 @@ def wait_for(what: str, check: Callable[[], bool], deadline: float) -> None:
 def synthetic_exporter(port: int) -> Iterator[str]:
     """A MetricsExporter fed a tick every 0.25 s by a thread: every kind of event, every tick."""
     exporter = MetricsExporter("it-host")
+    exporter.prepare("cache_aware")  # as the daemon does: every known label set at 0
     server = exporter.serve(f"127.0.0.1:{port}")
     stop = threading.Event()
 
@@ -148,6 +149,8 @@ def synthetic_exporter(port: int) -> Iterator[str]:
                     errors={"pin": 1},
                 )
             )
+            if tick % 4 == 0:
+                exporter.count_overrun()
             stop.wait(0.25)
 
     t = threading.Thread(target=feed, daemon=True)
@@ -162,6 +165,11 @@ def synthetic_exporter(port: int) -> Iterator[str]:
 
 @contextmanager
 def real_controller(port: int, log: Path) -> Iterator[str]:
+    # Everything it writes stays in the test's directory: no /var/lib or /run state, and no
+    # /etc/adaptive-pin/config.toml of the machine running the tests.
+    tmp = log.parent
+    config = tmp / "adaptive-pin.toml"
+    config.write_text("")
     cmd = [
         sys.executable,
         "-m",
@@ -175,6 +183,12 @@ def real_controller(port: int, log: Path) -> Iterator[str]:
         "1",
         "--metrics-address",
         f"127.0.0.1:{port}",
+        "--config",
+        str(config),
+        "--state-file",
+        str(tmp / "state" / "state.json"),
+        "--lock-file",
+        str(tmp / "run" / "adaptive-pin.lock"),
     ]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
