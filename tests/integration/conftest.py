@@ -53,6 +53,53 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: floa
         time.sleep(step)
 
 
+class _Reconnecting:
+    """A libvirt connection that reopens itself when libvirtd was restarted (the fault tests do).
+
+    A client notices a dead daemon only when it next writes ("Broken pipe"), so a call that
+    fails on the transport is retried once on a new connection.
+    """
+
+    _TRANSPORT = ("VIR_ERR_SYSTEM_ERROR", "VIR_ERR_RPC", "VIR_ERR_INVALID_CONN", "VIR_ERR_NO_CONNECT")
+
+    def __init__(self, lv: Any) -> None:
+        self._lv = lv
+        self._conn = lv.open(URI)
+        self._codes = {getattr(lv, c) for c in self._TRANSPORT if hasattr(lv, c)}
+
+    def _reopen(self) -> None:
+        self._conn = wait_for(lambda: _try_open(self._lv), 60, f"libvirtd at {URI} again")
+
+    def __getattr__(self, name: str) -> Any:
+        if not self._conn.isAlive():
+            self._reopen()
+        attr = getattr(self._conn, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return getattr(self._conn, name)(*args, **kwargs)
+            except self._lv.libvirtError as exc:
+                if exc.get_error_code() not in self._codes:
+                    raise
+                self._reopen()
+                return getattr(self._conn, name)(*args, **kwargs)
+
+        return call
+
+    def close(self) -> None:
+        if self._conn.isAlive():
+            self._conn.close()
+
+
+def _try_open(lv: Any) -> Any:
+    try:
+        return lv.open(URI)
+    except lv.libvirtError:
+        return None
+
+
 @pytest.fixture(scope="session")
 def libvirt_conn() -> Iterator[Any]:
     """A read-write connection to qemu:///system (run .ci/setup-libvirt.sh first)."""
@@ -61,7 +108,7 @@ def libvirt_conn() -> Iterator[Any]:
     from adaptive_pin.drivers.libvirt import available
 
     require(available(URI), f"libvirtd does not answer at {URI} (run .ci/setup-libvirt.sh)")
-    conn = lv.open(URI)
+    conn = _Reconnecting(lv)
     for dom in conn.listAllDomains(0):
         m = _LEFTOVER.match(dom.name())
         if m and not _pid_alive(int(m.group(1))):
@@ -135,7 +182,11 @@ def make_domains(libvirt_conn: Any) -> Iterator[Callable[..., list[Any]]]:
 
     yield make
     for dom in made:
-        _remove_domain(lv, dom)
+        try:  # looked up again: libvirtd may have been restarted, and the old handle with it
+            fresh = libvirt_conn.lookupByName(dom.name())
+        except lv.libvirtError:
+            continue
+        _remove_domain(lv, fresh)
 
 
 @dataclass
