@@ -407,6 +407,18 @@ class VCpuRates:
     totals: Mapping[str, float] = field(default_factory=dict)  # cumulative counts (for counters)
 
 
+# VCpuRates' rate fields, in declaration order (what status prints and the sampler fills).
+VCPU_RATE_FIELDS: tuple[str, ...] = (
+    "llc_misses_per_s",
+    "instructions_per_s",
+    "cycles_per_s",
+    "mpki",
+    "ipc",
+    "utilization",
+    "run_delay",
+)
+
+
 # --------------------------------------------------------------------------------------
 # Snapshot -> policy -> plan
 # --------------------------------------------------------------------------------------

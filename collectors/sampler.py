@@ -43,6 +43,7 @@ from adaptive_pin.model import (
     LLC_MISSES,
     RUN_DELAY,
     TASK_CLOCK,
+    VCPU_RATE_FIELDS,
     Guest,
     ThreadRef,
     VCpuKey,
@@ -64,16 +65,6 @@ RATE_COUNTERS: Mapping[str, tuple[str, ...]] = {
     "run_delay": (RUN_DELAY,),
 }
 RATE_FIELDS = (*RATE_COUNTERS, "mpki", "ipc")
-# VCpuRates' positional order of its rate fields.
-_VCPU_RATE_ORDER = (
-    "llc_misses_per_s",
-    "instructions_per_s",
-    "cycles_per_s",
-    "mpki",
-    "ipc",
-    "utilization",
-    "run_delay",
-)
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 DEFAULT_HALF_LIFE_S = 5.0
 
@@ -352,7 +343,7 @@ class Sampler:
             for i, g in zip(needy.tolist(), inverse.reshape(-1).tolist(), strict=True):
                 why_rows[i] = whys[g]
 
-        lists = [_with_none(fields[nm]) for nm in _VCPU_RATE_ORDER]
+        lists = [_with_none(fields[nm]) for nm in VCPU_RATE_FIELDS]
         cpus = _with_none_int(rd.last_cpu)
         all_seen = bool(seen_c.all()) and bool(rd.seen.all())
         make = _make_rates
@@ -460,7 +451,7 @@ def _mixed_radix(parts: Sequence[tuple[npt.NDArray[np.int64], int]]) -> npt.NDAr
 # VCpuRates is a frozen dataclass; building 1,000 a round through its __init__ (one
 # object.__setattr__ per field) costs twice filling the instance dict directly. Same object,
 # same fields; the fallback keeps this honest should the model class change shape.
-_RATES_FIELDS = (*_VCPU_RATE_ORDER, "last_cpu", "missing", "totals")
+_RATES_FIELDS = (*VCPU_RATE_FIELDS, "last_cpu", "missing", "totals")
 
 
 def _make_rates(values: tuple[object, ...]) -> VCpuRates:

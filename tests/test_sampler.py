@@ -252,3 +252,14 @@ def test_exact_liveness_collector_is_sampled_first_but_merged_in_order() -> None
     r = run(Sampler([first, live], 0), guest(7), 2)[1].rates[("g", 0)]
     assert order == ["procfs", "perf", "procfs", "perf"]
     assert r.utilization == pytest.approx(0.8)  # the first listed collector still wins
+
+
+def test_the_rate_field_list_is_vcpurates_own() -> None:
+    # status and the sampler both walk VCPU_RATE_FIELDS: a field added to VCpuRates must be in it.
+    import dataclasses
+
+    from adaptive_pin.model import VCPU_RATE_FIELDS, VCpuRates
+
+    names = [f.name for f in dataclasses.fields(VCpuRates)]
+    assert names[: len(VCPU_RATE_FIELDS)] == list(VCPU_RATE_FIELDS)
+    assert set(names) - set(VCPU_RATE_FIELDS) == {"last_cpu", "missing", "totals"}

@@ -20,7 +20,7 @@ from adaptive_pin.config import DEFAULT_PATH, load_config, pinnability_rules
 from adaptive_pin.drivers.base import Driver
 from adaptive_pin.errors import UsageError
 from adaptive_pin.live_table import NO_PMU
-from adaptive_pin.model import LLC_MISSES, Guest, Inventory, VCpu, VCpuKey, VCpuRates
+from adaptive_pin.model import LLC_MISSES, VCPU_RATE_FIELDS, Guest, Inventory, VCpu, VCpuKey, VCpuRates
 from adaptive_pin.runtime import build_runtime
 from collectors.sampler import Sampler, SamplerResult
 
@@ -216,17 +216,8 @@ def rate_gaps(rows: Sequence[StatusRow]) -> list[str]:
 def rates_json(rates: VCpuRates | None) -> dict[str, Any] | None:
     if rates is None:
         return None
-    names = (
-        "llc_misses_per_s",
-        "instructions_per_s",
-        "cycles_per_s",
-        "mpki",
-        "ipc",
-        "utilization",
-        "run_delay",
-    )
     return {
-        **{n: getattr(rates, n) for n in names},
+        **{n: getattr(rates, n) for n in VCPU_RATE_FIELDS},
         "missing": dict(rates.missing),
     }
 
