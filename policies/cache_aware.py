@@ -15,7 +15,9 @@ sum of four terms:
   the share of its VM's CPU time in other domains those become cross-domain transfers, costed
   by SLIT distance / 10 (1 in the same node, ~2 across nodes);
 - memory: misses served from a remote node cost SLIT/10 - 1 extra (when Guest.memory_nodes is known);
-- overload: demand above the usable PUs of a domain is lost outright (time-sharing).
+- overload: demand above the usable PUs of a domain is lost outright (time-sharing). The usable
+  PUs leave out Snapshot.taken, so vCPUs we may not move that are pinned outside the usable set
+  are not counted against them again (their misses still count where they run).
 
 With no PMU (or no miss rate for a vCPU) m_i is taken as u_i * ``assumed_misses_per_s``: the
 decision then rests on CPU time and cohesion, and Plan.notes says so.
@@ -23,12 +25,16 @@ decision then rests on CPU time and cohesion, and Plan.notes says so.
 Each decide():
 
 1. *place*: VMs with vCPUs not yet confined to one domain are placed whole, hungriest first,
-   into the domain that costs least, filling it up to its free capacity before spilling into
-   the next; ``whole_cores`` VMs get whole cores, kept for them alone (kind "initial");
+   into the cheapest domain with room for all of it (a partly placed VM: where its placed
+   vCPUs are, if the rest fits); only a VM that fits nowhere is split, roomiest domain first;
+   the decision to confine is per VM; ``whole_cores`` VMs get whole cores, kept for them alone
+   (kind "initial");
 2. *rebalance*: domains whose pressure (lost vCPU-equivalents of its vCPUs per unit of their
    demand) is above ``enter`` -- or above ``exit`` if they were active last tick (hysteresis,
-   remembered in the state) -- give up their worst vCPUs, one greedy best move at a time, while a
-   move gains at least ``min_gain`` (kind "rebalance", or "cohesion" when that is the main gain);
+   remembered in the state) -- move VMs whole (or gather split ones whole), then swap pairs of
+   VMs between full domains, then give up their worst vCPUs, one greedy best move at a time
+   (a single vCPU only gathers its VM, never splits it), while a move gains at least
+   ``min_gain`` (kind "rebalance", or "cohesion" when that is the main gain);
 3. at granularity pu or core, the PU inside the domain is the least loaded one, busy vCPUs of
    different VMs kept off SMT siblings while a free core exists; vCPUs doubled up on a PU while
    one of their domain is idle are spread (kind "balance");
@@ -115,6 +121,9 @@ class _VCpuRow:
     dom: int  # where its load is counted now (-1: nowhere)
     pu: int  # PU position it is taken to run on (-1: unknown)
     whole: bool
+    # pinned where we may not place anyone (Snapshot.taken, reserved): its demand is on CPUs the
+    # domain's capacity already leaves out, so it is not counted against that capacity again
+    off_cap: bool = False
     target_dom: int = -1
     target_pu: int = -1
     kind: str = ""
@@ -125,7 +134,8 @@ class _VCpuRow:
 @dataclass
 class _Aggregates:
     P: FloatArray  # misses/s per domain
-    L: FloatArray  # CPU demand per domain (whole_cores VMs excluded: they hold their own PUs)
+    L: FloatArray  # CPU demand per domain on its capacity (whole_cores VMs and vCPUs pinned
+    # to taken/reserved CPUs excluded: they run on PUs the capacity leaves out)
     PG: FloatArray  # misses/s per (guest, domain)
     W: FloatArray  # sensitivity-weighted misses/s (w * m) per domain
     WG: FloatArray  # the same per (guest, domain)
@@ -261,7 +271,12 @@ class _World:
         self.rows: list[_VCpuRow] = []
         self._aff_cache: dict[CpuSet, tuple[int, FloatArray | None]] = {}
         self._build_rows()
+        self.rows_of: list[list[_VCpuRow]] = [[] for _ in range(self.G)]
+        for r in self.rows:
+            self.rows_of[r.gi].append(r)
         self.active: set[int] = set()
+        self.home: dict[int, int] = {}  # partly placed VM -> the domain its placed vCPUs are in
+        self.placing: set[int] = set()  # VMs placed in this decision (not rebalanced too)
         self.pl = np.zeros(npu)  # CPU demand per PU (pu/core granularity choices)
         self.pl_guest: defaultdict[int, defaultdict[int, float]] = defaultdict(lambda: defaultdict(float))
 
@@ -378,6 +393,7 @@ class _World:
                         dom=dom,
                         pu=pu,
                         whole=whole,
+                        off_cap=not movable and weights is None,
                     )
                 )
 
@@ -475,10 +491,21 @@ class _World:
         ready: dict[int, list[_VCpuRow]] = {}
         waiting: list[str] = []
         for gi, rows in floating.items():
-            if gi not in unknown:
-                ready[gi] = rows
-            else:
+            if gi in unknown:
                 waiting.append(self.guests[gi].name)
+                continue
+            ready[gi] = rows
+            if rows[0].whole:
+                continue  # whole_cores VMs float all together (see _check_whole_cores)
+            # Partly placed (a first placement cut short, a domain that lost its CPUs): the
+            # whole VM is placed again, so it is completed in one go, not a vCPU at a time;
+            # the domain its placed vCPUs are in is kept when the rest fits there.
+            lifted = {id(r) for r in rows}
+            rest = [r for r in self.rows_of[gi] if r.movable and id(r) not in lifted]
+            if rest:
+                homes = np.bincount([r.aff_dom for r in rest], minlength=self.D)
+                self.home[gi] = int(np.argmax(homes))
+                ready[gi] = rows + rest
         return ready, sorted(waiting)
 
     def _fits(self, r: _VCpuRow, d: int) -> bool:
@@ -513,33 +540,72 @@ class _World:
         agg.KP = agg.PG @ self.K
         return agg
 
-    def _improvable(self, vms: list[int], by_vm: Mapping[int, list[_VCpuRow]]) -> list[int]:
+    def _whole_costs(
+        self, vms: Sequence[int], by_vm: Mapping[int, Sequence[_VCpuRow]]
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """Each VM's cost as it is now, whole in one domain or split, and whole in every domain
+        (+inf where there is no room for it), all others fixed; and its cohesion cost now.
+
+        Vectorised over the VMs. "Now" counts what the VM's rows lose and cost their
+        neighbours, its cross-domain transfers once, and its share of each domain's load cost
+        as the load cost with it minus without it, the same way as "whole in d": the two are
+        comparable, and equal for a VM already whole in d.
+        """
+        a, t, sig = self.agg, self.p.t, self.p.sharing
+        n, nd = len(vms), self.D
+        g = np.asarray(vms, dtype=np.int64)
+        own_p, own_w, own_u, own_n = (np.zeros((n, nd)) for _ in range(4))
+        for i, gi in enumerate(vms):
+            for r in by_vm[gi]:
+                own_p[i, r.dom] += r.m
+                own_w[i, r.dom] += r.w * r.m
+                own_u[i, r.dom] += r.u
+                own_n[i, r.dom] += 1
+        bm, bw, bu = own_p.sum(axis=1), own_w.sum(axis=1), own_u.sum(axis=1)
+        foreign_p, foreign_w = a.P[None, :] - a.PG[g], a.W[None, :] - a.WG[g]
+        ku_own, kp_own = own_u @ self.K, own_p @ self.K
+        ku, kp = a.KU[g] - ku_own, a.KP[g] - kp_own  # siblings that do not move with it
+        ut = a.UT[g]
+        held = np.array([gi in self.holders for gi in vms], dtype=bool)
+        on_cap = np.where(held[:, None], 0.0, own_u)
+        base = a.L[None, :] - on_cap  # every domain's load without the VM
+        base_cost = self._load_cost(base)
+        cost = (
+            t * (bw[:, None] * foreign_p + bm[:, None] * foreign_w) / self.M
+            + sig * t * (bm[:, None] * ku + bu[:, None] * kp) / ut[:, None]
+            + t * bm[:, None] * self.rho[g]
+            + self._load_cost(base + np.where(held, 0.0, bu)[:, None])
+            - base_cost
+        )
+        whole_at = own_n >= own_n.sum(axis=1, keepdims=True) - 0.5
+        room = (self.capacity()[None, :] - base >= bu[:, None] - 1e-9) | whole_at
+        cost = self._mask([by_vm[gi][0] for gi in vms], np.where(room, cost, INF))
+        intra = 0.5 * ((own_p * ku_own).sum(axis=1) + (own_u * kp_own).sum(axis=1))
+        cohesion = sig * t * ((own_p * ku).sum(axis=1) + (own_u * kp).sum(axis=1) + intra) / ut
+        now = (
+            t * ((own_w * foreign_p + own_p * foreign_w) / self.M).sum(axis=1)
+            + cohesion
+            + t * (own_p * self.rho[g]).sum(axis=1)
+            + (self._load_cost(base + on_cap) - base_cost).sum(axis=1)
+        )
+        return now, cost, cohesion
+
+    def _improvable(self, vms: list[int], by_vm: Mapping[int, Sequence[_VCpuRow]]) -> list[int]:
         """The VMs that a whole move seems to help, largest estimated gain first, by one
-        vectorised look at all of them (each VM's cost in every domain, itself taken out)."""
+        vectorised look at all of them."""
         if not vms:
             return []
-        a, t = self.agg, self.p.t
-        g = np.asarray(vms, dtype=np.int64)
-        here = np.array([by_vm[gi][0].dom for gi in vms], dtype=np.int64)
-        bm = np.array([sum(r.m for r in by_vm[gi]) for gi in vms])
-        bw = np.array([sum(r.w * r.m for r in by_vm[gi]) for gi in vms])
-        bu = np.array([sum(r.u for r in by_vm[gi]) for gi in vms])
-        onehot = np.zeros((len(vms), self.D))
-        onehot[np.arange(len(vms)), here] = 1.0
-        contention = t * (bw[:, None] * (a.P - a.PG[g]) + bm[:, None] * (a.W - a.WG[g])) / self.M
-        ku = a.KU[g] - bu[:, None] * self.K[here]
-        kp = a.KP[g] - bm[:, None] * self.K[here]
-        cohesion = self.p.sharing * t * (bm[:, None] * ku + bu[:, None] * kp) / a.UT[g][:, None]
-        remote = t * bm[:, None] * self.rho[g]
-        held = np.array([gi in self.holders for gi in vms])
-        load = a.L[None, :] - np.where(held, 0.0, bu)[:, None] * onehot
-        uu = np.where(held, 0.0, bu)[:, None]
-        cost = contention + cohesion + remote + self._load_cost(load + uu) - self._load_cost(load)
-        room = (self.capacity()[None, :] - load >= bu[:, None] - 1e-9) | (onehot > 0)
-        cost = np.where(room, cost, INF)
-        gain = cost[np.arange(len(vms)), here] - cost.min(axis=1)
+        now, cost, _ = self._whole_costs(vms, by_vm)
+        gain = now - cost.min(axis=1)
         order = np.lexsort((np.arange(len(vms)), -np.round(gain, 12)))  # largest gain first
         return [vms[i] for i in order.tolist() if gain[i] > self.p.min_gain]
+
+    def _best_whole(self, gi: int, rows: Sequence[_VCpuRow]) -> tuple[int, float, float]:
+        """Where VM gi costs least whole, with everyone else as they are now: (domain, gain,
+        cohesion cost now)."""
+        now, cost, cohesion = self._whole_costs([gi], {gi: rows})
+        best = int(np.argmin(np.round(cost[0], 12)))
+        return best, float(now[0] - cost[0, best]), float(cohesion[0])
 
     def _shift(self, gi: int, rows: Sequence[_VCpuRow], d: int, sign: float) -> None:
         """Add (sign 1) or take out (-1) one VM's rows in domain d, as one batch."""
@@ -563,7 +629,7 @@ class _World:
         agg.W[d] += sign * r.w * r.m
         agg.WG[r.gi, d] += sign * r.w * r.m
         agg.UG[r.gi, d] += sign * r.u
-        if r.gi not in self.holders:
+        if r.gi not in self.holders and not r.off_cap:
             agg.L[d] += sign * r.u
         if refresh:
             agg.KU[r.gi] = agg.UG[r.gi] @ self.K
@@ -697,7 +763,13 @@ class _World:
                 notes.append(f"no free whole cores for {self.guests[gi].name}: placed without exclusivity")
             placed.extend(self._place_vm(gi, rows))
         self._improve(order, placed)
-        return placed
+        self.placing = set(order)
+        # Placed vCPUs of a partly placed VM that stay where they are: nothing to place (a refit
+        # at most, step 4).
+        for r in placed:
+            if r.dom == r.aff_dom:
+                r.kind = ""
+        return [r for r in placed if r.kind]
 
     def _improve(self, order: list[int], placed: list[_VCpuRow]) -> None:
         """Revisit the greedy placement with everyone in: move a newly placed VM whole where it
@@ -708,23 +780,18 @@ class _World:
         for r in placed:
             if not r.whole and r.dom >= 0:
                 by_vm[r.gi].append(r)
-        vms = [gi for gi in order if gi in by_vm and len({r.dom for r in by_vm[gi]}) == 1]
+        vms = [
+            gi for gi in order if gi in by_vm and gi not in self.home and len({r.dom for r in by_vm[gi]}) == 1
+        ]
         for _ in range(IMPROVE_ROUNDS):
             moved = False
             for gi in self._improvable(vms, by_vm):
                 rows = by_vm[gi]
-                here = rows[0].dom
-                need = sum(r.u for r in rows)
-                self._shift(gi, rows, here, -1.0)
-                scores = self._vm_scores(gi, rows)
-                room = self.capacity() - self.agg.L >= need - 1e-9
-                room[here] = True
-                scores = np.where(room, scores, INF)
-                best = int(np.argmin(np.round(scores, 12)))
-                self._shift(gi, rows, here, 1.0)
-                if best != here and scores[best] < scores[here] - self.p.min_gain:
+                best, gain, _ = self._best_whole(gi, rows)
+                if best != rows[0].dom and gain > self.p.min_gain:
                     self._assign_many(rows, best, "initial")
                     moved = True
+            moved = self._swaps(vms, by_vm, len(self.rows), "initial", None) > 0 or moved
             if not moved:
                 break
 
@@ -747,22 +814,41 @@ class _World:
         return int(order[0])
 
     def _place_vm(self, gi: int, rows: list[_VCpuRow]) -> list[_VCpuRow]:
+        """The VM whole into the cheapest domain with room for it -- a partly placed VM into the
+        domain its placed vCPUs are in when it fits there (they need not move). Only a VM that
+        fits in no domain is split: the roomiest domain first, in as few pieces as possible."""
         todo = list(rows)
         done: list[_VCpuRow] = []
+        home = self.home.get(gi)
         while todo:
             scores = self._vm_scores(gi, todo)
-            if not np.isfinite(scores).any():
+            ok = np.isfinite(scores)
+            if not ok.any():
                 break
             free = self.capacity() - self.agg.L
-            d = self._best_domain(scores, free)
-            room = free[d]
-            take = 0
-            used = 0.0
-            for r in todo:
-                if take and used + r.u > room + 1e-9:
-                    break
-                used += r.u
-                take += 1
+            need = sum(r.u for r in todo)
+            fit = ok & (free >= need - 1e-9)
+            if fit.any():
+                d = self._best_domain(np.where(fit, scores, INF), free)
+                if home is not None and fit[home]:
+                    d = home
+                take = len(todo)
+            else:
+                some = ok & (free >= todo[0].u - 1e-9) & (free > 1e-9)
+                if some.any():  # fill the roomiest domain, then the next
+                    roomiest = -np.where(some, free, -INF)
+                    d = int(np.lexsort((np.arange(self.D), np.round(scores, 12), roomiest))[0])
+                else:  # no room anywhere: time-share, but together
+                    d = self._best_domain(scores, free)
+                room = free[d] if some.any() else INF
+                take = 0
+                used = 0.0
+                for r in todo:
+                    if take and used + r.u > room + 1e-9:
+                        break
+                    used += r.u
+                    take += 1
+            home = None
             self._assign_many(todo[:take], d, "initial")
             done.extend(todo[:take])
             todo = todo[take:]
@@ -876,13 +962,15 @@ class _World:
         m = np.fromiter((r.m for r in rows), dtype=np.float64, count=n)
         u = np.fromiter((r.u for r in rows), dtype=np.float64, count=n)
         w = np.fromiter((r.w for r in rows), dtype=np.float64, count=n)
+        on_cap = np.fromiter((not r.off_cap for r in rows), dtype=bool, count=n)
         foreign = a.P[d] - a.PG[gi, d]
         foreign_w = a.W[d] - a.WG[gi, d]
         contention = t * (w * m * foreign + m * foreign_w) / self.M[d]
         cohesion = self.p.sharing * t * (m * a.KU[gi, d] + u * a.KP[gi, d]) / a.UT[gi]
         remote = t * m * self.rho[gi, d]
         load = a.L[d]
-        overload = self._load_cost(a.L, smt=False)[d] * np.where(load > 0, u / np.maximum(load, 1e-9), 0.0)
+        share = np.where((load > 0) & on_cap, u / np.maximum(load, 1e-9), 0.0)
+        overload = self._load_cost(a.L, smt=False)[d] * share
         out: FloatArray = contention + cohesion + remote + overload
         return out
 
@@ -907,16 +995,42 @@ class _World:
             and not r.kind
             and r.dom in self.active
             and r.aff_dom >= 0
+            and r.gi not in self.placing
         ]
         if not pool:
             return
-        budget -= self._move_whole_vms(pool, pressure, budget)
+        # VMs all of whose vCPUs may move, one of them at least in an active domain
+        eligible: defaultdict[int, list[_VCpuRow]] = defaultdict(list)
+        for r in self.rows:
+            if (
+                r.movable
+                and r.known
+                and not r.whole
+                and not r.kind
+                and r.dom >= 0
+                and r.aff_dom >= 0
+                and r.gi not in self.placing
+            ):
+                eligible[r.gi].append(r)
+        whole_vms = [gi for gi in sorted(eligible) if len(eligible[gi]) == len(self.guests[gi].vcpus)]
+        touched = {r.gi for r in pool}
+        budget -= self._move_whole_vms(eligible, [gi for gi in whole_vms if gi in touched], pressure, budget)
+        if budget > 0:
+            still = [gi for gi in whole_vms if not any(r.kind for r in eligible[gi])]
+            budget -= self._swaps(still, eligible, budget, "rebalance", pressure)
         pool = [r for r in pool if not r.kind]
         if not pool or budget <= 0:
             return
         own = self._own_costs(pool)
         order = np.lexsort((np.arange(len(pool)), -own))[: self.p.candidates]
         cand = [pool[i] for i in order]
+        counts = {gi: np.zeros(self.D) for gi in {r.gi for r in cand}}
+        for gi, c in counts.items():
+            for r in self.rows_of[gi]:
+                if r.dom >= 0:
+                    c[r.dom] += 1
+        max_cap = float(self.capacity().max())
+        big = {gi: float(self.agg.UT[gi]) > max_cap + 1e-9 for gi in counts}
         for _ in range(budget):
             if not cand:
                 break
@@ -930,6 +1044,10 @@ class _World:
             delta = costs - here[:, None]
             for i, r in enumerate(cand):
                 delta[i, r.dom] = INF
+                if not big[r.gi]:  # never split a VM that fits in one domain: only gather it,
+                    # to where at least as many of its other vCPUs are as where it leaves
+                    others = counts[r.gi] - (np.arange(self.D) == r.dom)
+                    delta[i, (others <= 0) | (others < others[r.dom])] = INF
             flat = int(np.argmin(delta))
             i, d = divmod(flat, self.D)
             gain = -float(delta[i, d])
@@ -938,6 +1056,8 @@ class _World:
             r = cand.pop(i)
             coh_gain = self.cohesion_part(r, r.dom) - self.cohesion_part(r, d)
             src = r.dom
+            counts[r.gi][src] -= 1
+            counts[r.gi][d] += 1
             self._assign(r, d, "cohesion" if coh_gain > gain / 2 else "rebalance")
             r.gain = gain
             r.why = (
@@ -946,42 +1066,127 @@ class _World:
                 f" ({'mostly VM cohesion' if r.kind == 'cohesion' else 'less cache contention / load'})"
             )
 
-    def _move_whole_vms(self, pool: list[_VCpuRow], pressure: FloatArray, budget: int) -> int:
+    def _move_whole_vms(
+        self, by_vm: Mapping[int, list[_VCpuRow]], vms: list[int], pressure: FloatArray, budget: int
+    ) -> int:
         """Move VMs of active domains whole where they cost less (a single-vCPU move would
-        pay for splitting the VM first); returns how many vCPUs moved."""
-        by_vm: defaultdict[int, list[_VCpuRow]] = defaultdict(list)
-        for r in pool:
-            by_vm[r.gi].append(r)
-        n_of = {gi: len(g.vcpus) for gi, g in enumerate(self.guests)}
-        vms = [
-            gi for gi in sorted(by_vm) if len(by_vm[gi]) == n_of[gi] and len({r.dom for r in by_vm[gi]}) == 1
-        ]
+        pay for splitting the VM first), and gather split VMs whole where there is room for
+        them; returns how many vCPUs moved."""
         used = 0
         for gi in self._improvable(vms, by_vm):
-            rows = by_vm[gi]
-            if used + len(rows) > budget:
+            if used >= budget:
                 break
-            here = rows[0].dom
-            need = sum(r.u for r in rows)
-            self._shift(gi, rows, here, -1.0)
-            scores = self._vm_scores(gi, rows)
-            room = self.capacity() - self.agg.L >= need - 1e-9
-            room[here] = True
-            scores = np.where(room, scores, INF)
-            best = int(np.argmin(np.round(scores, 12)))
-            self._shift(gi, rows, here, 1.0)
-            gain = float(scores[here] - scores[best])
-            if best == here or not gain >= self.p.min_gain * len(rows):
+            rows = by_vm[gi]
+            best, gain, cohesion = self._best_whole(gi, rows)
+            moving = [r for r in rows if r.dom != best]
+            if not moving or not gain >= self.p.min_gain * len(moving):
                 continue
-            self._assign_many(rows, best, "rebalance")
-            used += len(rows)
-            for r in rows:
-                r.gain = gain / len(rows)
+            if used + len(moving) > budget:
+                continue
+            here = moving[0].dom
+            split = len({r.dom for r in rows}) > 1
+            kind = "cohesion" if split and cohesion > gain / 2 else "rebalance"
+            self._assign_many(moving, best, kind)
+            used += len(moving)
+            what = "gathered" if split else "whole"
+            why = "mostly VM cohesion" if kind == "cohesion" else "less cache contention / load"
+            for r in moving:
+                r.gain = gain / len(moving)
                 r.why = (
                     f"{self._dom_name(here)} pressure {pressure[here]:.3f} > {self.p.enter:g}: "
-                    f"{r.guest.name} whole to {self._dom_name(best)}, est. {gain:.3f} vCPU-equivalents "
-                    "regained (less cache contention / load)"
+                    f"{r.guest.name} {what} to {self._dom_name(best)}, est. {gain:.3f} "
+                    f"vCPU-equivalents regained ({why})"
                 )
+        return used
+
+    def _swaps(
+        self,
+        vms: list[int],
+        by_vm: Mapping[int, list[_VCpuRow]],
+        budget: int,
+        kind: str,
+        pressure: FloatArray | None,
+    ) -> int:
+        """Two VMs, each whole in its domain, exchange domains, best pair first, while the
+        exchange gains at least ``min_gain`` per vCPU moved and no domain is pushed over its
+        capacity. This is what a full host needs when neither VM has room to move alone (two
+        hungry VMs in one domain, two sensitive ones in the other). With ``pressure`` (a
+        rebalance) one of the two must be in an active domain. Returns vCPUs moved."""
+        a, t = self.agg, self.p.t
+        pool = [gi for gi in vms if gi not in self.holders and len({r.dom for r in by_vm[gi]}) == 1]
+        used = 0
+        cap, cores = self.capacity(), self.cores()
+
+        def lc(x: FloatArray, d: IntArray) -> FloatArray:
+            c = cap[d]
+            smt = SMT_PAIR_LOSS * np.maximum(0.0, np.minimum(x, c) - cores[d])
+            out: FloatArray = np.maximum(0.0, x - c) + smt
+            return out
+
+        while len(pool) >= 2 and used < budget:
+            n = len(pool)
+            g = np.asarray(pool, dtype=np.int64)
+            h = np.array([by_vm[gi][0].dom for gi in pool], dtype=np.int64)
+            bm = np.array([sum(r.m for r in by_vm[gi]) for gi in pool])
+            bw = np.array([sum(r.w * r.m for r in by_vm[gi]) for gi in pool])
+            bu = np.array([sum(r.u for r in by_vm[gi]) for gi in pool])
+            size = np.array([len(by_vm[gi]) for gi in pool])
+            x = (
+                t * (bw[:, None] * (a.P - a.PG[g]) + bm[:, None] * (a.W - a.WG[g])) / self.M
+                + t * bm[:, None] * self.rho[g]
+            )
+            x = self._mask([by_vm[gi][0] for gi in pool], x)
+            at_home = x[np.arange(n), h]
+            # the first of the pair: the VMs that cost most where they are (bounded work)
+            first = np.lexsort((np.arange(n), -at_home))[: max(1, min(n, self.p.candidates // 4))]
+            if pressure is not None:
+                first = first[np.isin(h[first], sorted(self.active))]
+            if len(first) == 0:
+                break
+            hi, hj = h[first][:, None], h[None, :]
+            pair = t * (bw[first][:, None] * bm[None, :] + bm[first][:, None] * bw[None, :])
+            after = x[first][:, h] - pair / self.M[hj] + x[:, h[first]].T - pair / self.M[hi]
+            before = at_home[first][:, None] + at_home[None, :]
+            li, lj = a.L[hi], a.L[hj]
+            du = bu[None, :] - bu[first][:, None]  # load change in the first's domain
+            new_i, new_j = li + du, lj - du
+            load = lc(new_i, hi) + lc(new_j, hj) - lc(li, hi) - lc(lj, hj)
+            gain = before - after - load
+            ok = (
+                (hi != hj)
+                & np.isfinite(after)
+                & ((new_i <= cap[hi] + 1e-9) | (du <= 1e-9))
+                & ((new_j <= cap[hj] + 1e-9) | (du >= -1e-9))
+                & (gain >= self.p.min_gain * (size[first][:, None] + size[None, :]))
+                & (size[first][:, None] + size[None, :] <= budget - used)
+            )
+            if not ok.any():
+                break
+            score = np.where(ok, np.round(gain, 12), -INF)
+            k = int(np.argmax(score))
+            fi, j = divmod(k, n)
+            i = int(first[fi])
+            gain_ij = float(gain[fi, j])
+            gi, gj = pool[i], pool[j]
+            di, dj = int(h[i]), int(h[j])
+            moved = len(by_vm[gi]) + len(by_vm[gj])
+            self._assign_many(by_vm[gi], dj, kind)
+            self._assign_many(by_vm[gj], di, kind)
+            used += moved
+            for gx, src, dst, other in ((gi, di, dj, gj), (gj, dj, di, gi)):
+                head = (
+                    f"{self._dom_name(src)} pressure {pressure[src]:.3f}: "
+                    if pressure is not None
+                    else "first placement: "
+                )
+                for r in by_vm[gx]:
+                    r.gain = gain_ij / moved
+                    r.why = (
+                        f"{head}{r.guest.name} swaps with {self.guests[other].name} to "
+                        f"{self._dom_name(dst)}, est. {gain_ij:.3f} vCPU-equivalents regained "
+                        "(less cache contention / load; neither has room to move alone)"
+                    )
+            pool = [q for q in pool if q not in (gi, gj)]
         return used
 
     def _raw_here(self, r: _VCpuRow) -> float:
@@ -1043,8 +1248,18 @@ class _World:
         floating = (weights * np.where(finite, costs, 0.0)).sum(axis=1)
         here = costs[np.arange(len(placed)), [r.dom for r in placed]]
         gains = floating - np.where(np.isfinite(here), here, floating)
-        texts: dict[int, str] = {}
+        # One decision per VM, never per vCPU (a VM half confined is split): each vCPU gets the
+        # VM's mean gain; completing a partly placed VM is always worth it (cohesion).
+        total: defaultdict[int, float] = defaultdict(float)
+        count: defaultdict[int, int] = defaultdict(int)
         for r, gain in zip(placed, gains.tolist(), strict=True):
+            total[r.gi] += gain
+            count[r.gi] += 1
+        texts: dict[int, str] = {}
+        for r in placed:
+            gain = total[r.gi] / count[r.gi]
+            if r.gi in self.home:
+                gain = max(gain, self.p.min_gain)
             r.gain = gain
             if r.gi not in texts:
                 texts[r.gi] = self._vm_miss_text(r.gi)

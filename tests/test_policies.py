@@ -138,6 +138,7 @@ def test_unreadable_state_is_treated_as_initial(name: str) -> None:
     snap = snapshot(topo, [guest("a", [topo.online] * 2)])
     policy = get_policy(name)
     expected, _ = policy.decide(snap, policy.initial_state())
+    junk: object
     for junk in (
         None,
         3,

@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from adaptive_pin.model import CpuSet, Guest, Plan, Snapshot, VCpuKey, VCpuRates
 from policies.cache_aware import CacheAwarePolicy
 from tests.policy_helpers import apply_plan, guest, llc_of, make_topology, rates, snapshot
@@ -238,3 +241,151 @@ def test_sensitivity_is_measured_over_the_last_interval() -> None:
     assert isinstance(state2, dict) and state2["counts"] == {"a/0": [1.5e9, 6e8]}
     assert _World(snap, policy, {"a/0": [1e9, 1e8]}).rows[0].w == 0.0  # 5e8 of 5e8 missed
     assert abs(_World(snap, policy, {}).rows[0].w - 0.6) < 1e-9  # lifetime: 6e8 of 1.5e9
+
+
+# --------------------------------------------------------------------------------------
+# CPUs held by orchestrator-pinned VMs, cohesion of placements, swaps
+# --------------------------------------------------------------------------------------
+
+
+def test_orchestrator_pinned_vm_is_counted_once() -> None:
+    # "p" (Nova-pinned, busy) holds core 0 of LLC 0: 6 PUs are left there. A 6-vCPU VM fits
+    # exactly in those 6; LLC 1 has room for 4 only. Its demand must not be counted against
+    # the 6 PUs (they already leave its CPUs out), but its misses still pollute LLC 0.
+    from policies.cache_aware import _World
+
+    pinned = vm("p", [CpuSet.of(0), CpuSet.of(8)], managed=False, orchestrator_pinned=True)
+    guests = [pinned, vm("b", [LLC1] * 4), vm("a", [TOPO.online] * 6)]
+    spec = {"p": (1.0, QUIET), "b": (1.0, QUIET), "a": (1.0, 1e6)}
+    snap = snapshot(TOPO, guests, load(guests, spec))
+    assert snap.taken == CpuSet.of(0, 8)
+    policy = CacheAwarePolicy()
+    world = _World(snap, policy)
+    world.agg = world._aggregate(exclude={id(r) for r in world.rows if r.guest.id == "a"})
+    assert list(world.capacity()) == [6.0, 8.0]
+    assert world.agg.L[0] == 0.0 and world.agg.L[1] == 4.0, "p's demand counted against capacity"
+    assert world.agg.P[0] == 2 * QUIET, "p's misses are where it runs"
+
+    plan, _ = policy.decide(snap, policy.initial_state())
+    targets = {m.to_cpus for m in plan.moves if m.guest_id == "a"}
+    assert targets == {LLC0 - CpuSet.of(0, 8)}, plan.moves
+    assert not any(m.guest_id == "p" or CpuSet.of(0, 8) & m.to_cpus for m in plan.moves)
+
+
+def test_partly_placed_vm_is_completed_whole_in_one_plan() -> None:
+    # Two vCPUs of "a" already confined to LLC 1, two floating: the two join them, in one plan,
+    # and the placed two do not move.
+    guests = [vm("a", [LLC1, LLC1, TOPO.online, TOPO.online])]
+    snap = snapshot(TOPO, guests, load(guests, {"a": (0.5, 1e6)}))
+    policy = CacheAwarePolicy()
+    plan, state = policy.decide(snap, policy.initial_state())
+    assert {m.vcpu: m.to_cpus for m in plan.moves} == {2: LLC1, 3: LLC1}
+    assert all(m.kind == "initial" and m.predicted_gain >= policy.min_gain for m in plan.moves)
+    again, _ = policy.decide(apply_plan(snap, plan), state)
+    assert again.moves == ()
+
+
+def test_partly_placed_vm_moves_whole_when_its_domain_is_full() -> None:
+    # LLC 1 is full (the placed half of "a" and a busy neighbour): "a" goes whole to LLC 0.
+    guests = [vm("busy", [LLC1] * 6), vm("a", [LLC1, LLC1, TOPO.online, TOPO.online])]
+    snap = snapshot(TOPO, guests, load(guests, {"busy": (1.0, QUIET), "a": (1.0, 1e6)}))
+    plan, _ = CacheAwarePolicy().decide(snap, None)
+    assert {m.vcpu: m.to_cpus for m in plan.moves if m.guest_id == "a"} == {i: LLC0 for i in range(4)}
+
+
+def test_vm_gains_are_decided_per_vm_not_per_vcpu() -> None:
+    # One vCPU busier than the others: either the whole VM is confined or none of it.
+    guests = [vm("a", [TOPO.online] * 4), vm("h", [TOPO.online] * 2)]
+    r = load(guests, {"a": (0.3, 2e5), "h": (1.0, HUNGRY)})
+    r[("a", 0)] = rates(0.9, 3e6, None)
+    plan, _ = CacheAwarePolicy().decide(snapshot(TOPO, guests, r), None)
+    moved = {m.vcpu for m in plan.moves if m.guest_id == "a"}
+    assert moved in (set(), {0, 1, 2, 3})
+    assert len({m.predicted_gain for m in plan.moves if m.guest_id == "a"}) <= 1
+
+
+SIZES = {"v1": 2, "v2": 2, "v3": 2, "v4": 2, "v5": 4}  # 12 vCPUs on 2 x 8 PUs: always one fits
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    misses=st.lists(st.sampled_from([2e5, 5e6, 2e7, HUNGRY]), min_size=5, max_size=5),
+    hits=st.lists(st.sampled_from([None, 0.0, 0.5, 0.9]), min_size=5, max_size=5),
+    start=st.lists(st.sampled_from(["float", "llc0", "llc1", "half"]), min_size=5, max_size=5),
+    util=st.sampled_from([0.6, 1.0]),
+    pinned=st.booleans(),
+)
+def test_a_vm_that_fits_one_domain_is_never_planned_split(
+    misses: list[float], hits: list[float | None], start: list[str], util: float, pinned: bool
+) -> None:
+    where = {"float": [TOPO.online], "llc0": [LLC0], "llc1": [LLC1], "half": [LLC1, TOPO.online]}
+    guests = [
+        vm(gid, [where[s][i * len(where[s]) // n] for i in range(n)])
+        for (gid, n), s in zip(SIZES.items(), start, strict=True)
+    ]
+    if pinned:  # an orchestrator-pinned busy VM on core 0: LLC 0 has 6 PUs left, still enough
+        guests.append(vm("p", [CpuSet.of(0), CpuSet.of(8)], managed=False, orchestrator_pinned=True))
+        misses, hits = [*misses, QUIET], [*hits, None]
+    r = {}
+    for g, m, h in zip(guests, misses, hits, strict=True):
+        for v in g.vcpus:
+            r[(g.id, v.index)] = rates(util, m, v.last_cpu) if h is None else counted(util, m, h, v.last_cpu)
+    snap = snapshot(TOPO, guests, r)
+    policy = CacheAwarePolicy()
+    state = policy.initial_state()
+    for _ in range(6):
+        plan, state = policy.decide(snap, state)
+        after = apply_plan(snap, plan)
+        for g in after.guests:
+            if g.id == "p":
+                continue
+            placed = [v.affinity for v in g.vcpus if v.affinity != TOPO.online]
+            doms = {i for cpus in placed for i in llc_of(TOPO, cpus)}
+            was = {
+                i
+                for v in snap.guest(g.id).vcpus
+                if v.affinity != TOPO.online
+                for i in llc_of(TOPO, v.affinity)
+            }
+            assert len(doms) <= 1 or doms == was, f"{g.id} planned split over {doms}: {plan.moves}"
+        if not plan.moves:
+            break
+        snap = after
+
+
+def test_two_full_domains_swap_vms_when_no_vm_can_move_alone() -> None:
+    # Both hungry VMs in LLC 0, both quiet ones in LLC 1, every PU busy: no VM has room to move
+    # alone, so one hungry VM and one quiet VM exchange domains (sensitivity unknown: hungry
+    # VMs apart).
+    guests = [vm("h1", [LLC0] * 4), vm("h2", [LLC0] * 4), vm("q1", [LLC1] * 4), vm("q2", [LLC1] * 4)]
+    spec = {"h1": (1.0, HUNGRY), "h2": (1.0, HUNGRY), "q1": (1.0, 5e6), "q2": (1.0, 5e6)}
+    snap = snapshot(TOPO, guests, load(guests, spec))
+    policy = CacheAwarePolicy()
+    plan, _ = policy.decide(snap, policy.initial_state())
+    assert plan.moves and all("swaps with" in m.reason for m in plan.moves), plan.moves
+    assert len(plan.moves) == 8 and all(m.predicted_gain > policy.min_gain for m in plan.moves)
+    final, state, plans = settle(policy, snap)
+    assert not plans[-1].moves, "did not settle"
+    assert llcs(final, "h1") != llcs(final, "h2")
+    assert all(len(llcs(final, g)) == 1 for g in ("h1", "h2", "q1", "q2"))
+    for _ in range(3):  # and no swap back
+        plan, state = policy.decide(final, state)
+        assert plan.moves == ()
+    # Hysteresis: a domain below `enter` gets no swap.
+    calm, _ = CacheAwarePolicy(enter=1e3, exit=1e3).decide(snap, None)
+    assert calm.moves == ()
+
+
+def test_swap_puts_the_streamers_together_when_sensitivity_is_measured() -> None:
+    # Each full domain holds one streamer and one cache-sensitive VM: swapping a streamer for a
+    # sensitive VM leaves the sensitive ones together, away from the pollution.
+    guests = [vm("s1", [LLC0] * 4), vm("c1", [LLC0] * 4), vm("s2", [LLC1] * 4), vm("c2", [LLC1] * 4)]
+    r = {}
+    for g in guests:
+        stream = g.id.startswith("s")
+        for v in g.vcpus:
+            r[(g.id, v.index)] = counted(1.0, HUNGRY if stream else 5e6, 0.0 if stream else 0.8, v.last_cpu)
+    final, _, plans = settle(CacheAwarePolicy(), snapshot(TOPO, guests, r))
+    assert not plans[-1].moves
+    assert llcs(final, "s1") == llcs(final, "s2")
+    assert llcs(final, "c1") == llcs(final, "c2") != llcs(final, "s1")
