@@ -1123,19 +1123,25 @@ class _World:
             out: FloatArray = np.maximum(0.0, x - c) + smt
             return out
 
-        while len(pool) >= 2 and used < budget:
-            n = len(pool)
-            g = np.asarray(pool, dtype=np.int64)
-            h = np.array([by_vm[gi][0].dom for gi in pool], dtype=np.int64)
-            bm = np.array([sum(r.m for r in by_vm[gi]) for gi in pool])
-            bw = np.array([sum(r.w * r.m for r in by_vm[gi]) for gi in pool])
-            bu = np.array([sum(r.u for r in by_vm[gi]) for gi in pool])
-            size = np.array([len(by_vm[gi]) for gi in pool])
+        # Per-VM sums do not change as VMs swap (swapped VMs leave the pool): computed once.
+        all_h = np.array([by_vm[gi][0].dom for gi in pool], dtype=np.int64)
+        all_bm = np.array([sum(r.m for r in by_vm[gi]) for gi in pool])
+        all_bw = np.array([sum(r.w * r.m for r in by_vm[gi]) for gi in pool])
+        all_bu = np.array([sum(r.u for r in by_vm[gi]) for gi in pool])
+        all_size = np.array([len(by_vm[gi]) for gi in pool])
+        all_mask = self._mask([by_vm[gi][0] for gi in pool], np.zeros((len(pool), len(self.M))))
+        alive = list(range(len(pool)))
+        while len(alive) >= 2 and used < budget:
+            sel = np.asarray(alive, dtype=np.intp)
+            live = [pool[q] for q in alive]
+            n = len(live)
+            g = np.asarray(live, dtype=np.int64)
+            h, bm, bw, bu, size = all_h[sel], all_bm[sel], all_bw[sel], all_bu[sel], all_size[sel]
             x = (
                 t * (bw[:, None] * (a.P - a.PG[g]) + bm[:, None] * (a.W - a.WG[g])) / self.M
                 + t * bm[:, None] * self.rho[g]
+                + all_mask[sel]
             )
-            x = self._mask([by_vm[gi][0] for gi in pool], x)
             at_home = x[np.arange(n), h]
             # the first of the pair: the VMs that cost most where they are (bounded work)
             first = np.lexsort((np.arange(n), -at_home))[: max(1, min(n, self.p.candidates // 4))]
@@ -1167,7 +1173,7 @@ class _World:
             fi, j = divmod(k, n)
             i = int(first[fi])
             gain_ij = float(gain[fi, j])
-            gi, gj = pool[i], pool[j]
+            gi, gj = live[i], live[j]
             di, dj = int(h[i]), int(h[j])
             moved = len(by_vm[gi]) + len(by_vm[gj])
             self._assign_many(by_vm[gi], dj, kind)
@@ -1186,7 +1192,7 @@ class _World:
                         f"{self._dom_name(dst)}, est. {gain_ij:.3f} vCPU-equivalents regained "
                         "(less cache contention / load; neither has room to move alone)"
                     )
-            pool = [q for q in pool if q not in (gi, gj)]
+            alive = [q for q in alive if pool[q] not in (gi, gj)]
         return used
 
     def _raw_here(self, r: _VCpuRow) -> float:
