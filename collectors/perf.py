@@ -25,6 +25,7 @@ import contextlib
 import errno
 import logging
 import math
+import operator
 import os
 import resource
 import time
@@ -46,7 +47,16 @@ from adaptive_pin.model import (
     ThreadRef,
 )
 from collectors import pfm
-from collectors.base import NO_CPU, NO_REASONS, Batch, FloatArray, Roster, counters_from_batch
+from collectors.base import (
+    NO_CPU,
+    NO_REASONS,
+    Batch,
+    FloatArray,
+    IntArray,
+    Roster,
+    counters_from_batch,
+    read_each,
+)
 from collectors.perf_abi import (
     GROUP_READ_FORMAT,
     PERF_ATTR_SIZE,
@@ -186,6 +196,10 @@ class _Group:
         return self.fds[0]
 
 
+_Bufs = tuple[memoryview, ...]
+_MISSING_OF = operator.attrgetter("missing")
+
+
 class _GoneError(Exception):
     pass
 
@@ -202,7 +216,8 @@ class PerfCollector:
     or CPU-specific names resolved through libpfm4 where it is installed.
 
     A :class:`~collectors.base.BatchCollector`: each round does one readv(2) per group into
-    that row's slot of one buffer, then the multiplex scaling of all groups at once in numpy
+    that row's slot of one buffer (looped in C by :func:`~collectors.base.read_each`, with
+    interpolated per-row times), then the multiplex scaling of all groups at once in numpy
     (state arrays row per thread, column per counter). Whether a thread still exists comes
     from the ``alive`` rows the sampler passes (procfs's kept fds answer that exactly and for
     free), else from one listdir of /proc/<pid>/task per process (see :class:`_Alive`).
@@ -245,6 +260,11 @@ class PerfCollector:
         self._roster: Roster | None = None
         self._rows: list[_Group | None] = []
         self._buf = bytearray(0)
+        self._hot_rows: npt.NDArray[np.intp] | None = None  # None: rebuild (see _hot)
+        self._hot_fds: list[int] = []
+        self._hot_bufs: list[_Bufs] = []
+        self._hot_sizes: IntArray = np.empty(0, np.int64)
+        self._cold: list[int] = []
         self._alloc(0)
 
     # --- set-up ---------------------------------------------------------------------
@@ -361,6 +381,7 @@ class PerfCollector:
                 self._place(g, i)
         self._rows = groups
         self._roster = roster
+        self._hot_rows = None
 
     def _place(self, g: _Group, row: int) -> None:
         g.row = row
@@ -370,6 +391,7 @@ class PerfCollector:
     def _reset_row(self, g: _Group, row: int) -> None:
         """A freshly opened group in ``row``: its layout, and no history."""
         self._place(g, row)
+        self._hot_rows = None
         self._pos[row] = self._width - 2
         self._present[row] = False
         self._ids[row] = 0
@@ -385,58 +407,70 @@ class PerfCollector:
         self._exact[row] = True
 
     # --- the round ------------------------------------------------------------------------------
+    def _hot(self) -> tuple[npt.NDArray[np.intp], list[int], list[_Bufs], IntArray, list[int]]:
+        """Rows with a group: their leaders, buffer slots and read sizes; and the rows without."""
+        if self._hot_rows is None:
+            groups = [(i, g) for i, g in enumerate(self._rows) if g is not None]
+            self._hot_rows = np.array([i for i, _ in groups], np.intp)
+            self._hot_fds = [g.leader for _, g in groups]
+            self._hot_bufs = [g.bufs for _, g in groups]
+            self._hot_sizes = np.array([g.size for _, g in groups], np.int64)
+            self._cold = [i for i, g in enumerate(self._rows) if g is None]
+        return self._hot_rows, self._hot_fds, self._hot_bufs, self._hot_sizes, self._cold
+
     def sample_batch(self, roster: Roster, alive: npt.NDArray[np.bool_] | None = None) -> Batch:
-        """One round over ``roster``. ``alive``: rows known to exist (others are closed, unread)."""
+        """One round over ``roster``. ``alive``: rows known to exist (others are closed, unread).
+
+        Groups are opened for rows without one first, then every group is read by
+        :func:`~collectors.base.read_each` (a C loop, one interpolated timestamp per row: see
+        there why that is accurate enough).
+        """
         self._adopt(roster)
         n = len(roster)
         rows = self._rows
         nan = math.nan
-        when: list[float] = [nan] * n
         missing: list[Mapping[str, str]] = [NO_REASONS] * n
-        got: list[int] = []  # rows read
         other: list[tuple[int, Mapping[str, str]]] = []  # rows there but without a group
         short: list[int] = []  # rows left without a group for lack of fds
-        can_open = True
         live = alive.tolist() if alive is not None else None
         check = _Alive() if live is None else None
         pids = roster.pids
-        readv, monotonic = os.readv, time.monotonic
-        for i in range(n):
-            g = rows[i]
-            if live is not None and not live[i]:
+        if alive is not None and not alive.all():
+            for i in np.flatnonzero(~alive).tolist():
+                g = rows[i]
                 if g is not None:
                     self._close(g.tid)
+        can_open = True
+        for i in self._hot()[4]:
+            if live is not None and not live[i]:
                 continue
-            if g is None:
-                tid = roster.tids[i]
-                opened: _Group | None
-                if not self._specs or tid in self._refused:
-                    other.append((i, self._unmonitored_missing(self._refused.get(tid))))
-                    continue
-                if not can_open:
-                    short.append(i)
-                    continue
-                try:
-                    opened = self._open(tid, i)
-                except _GoneError:
-                    continue
-                except _FdLimitError:
-                    can_open = False
-                    short.append(i)
-                    continue
-                if opened is None:
-                    other.append((i, self._unmonitored_missing(self._refused.get(tid))))
-                    continue
-                g = opened
+            tid = roster.tids[i]
+            if not self._specs or tid in self._refused:
+                other.append((i, self._unmonitored_missing(self._refused.get(tid))))
+                continue
+            if not can_open:
+                short.append(i)
+                continue
             try:
-                nread = readv(g.leader, g.bufs)
-            except OSError:
-                nread = 0
-            if nread < g.size:  # EOF: the event is in error state; reopen next round if still there
-                self._close(g.tid)
+                opened = self._open(tid, i)
+            except _GoneError:
                 continue
-            when[i] = monotonic()
-            got.append(i)
+            except _FdLimitError:
+                can_open = False
+                short.append(i)
+                continue
+            if opened is None:
+                other.append((i, self._unmonitored_missing(self._refused.get(tid))))
+        hot, fds, bufs, sizes, _ = self._hot()
+        nread, hot_when = read_each(os.readv, fds, bufs)
+        ok = nread >= sizes  # short or -1 (OSError): the event is in error state, reopen next round
+        for i in hot[~ok].tolist():
+            g = rows[i]
+            if g is not None:
+                self._close(g.tid)
+        when = np.full(n, nan)
+        when[hot[ok]] = hot_when[ok]
+        got: list[int] = hot[ok].tolist()  # rows read
 
         if check is not None:  # no word from the sampler: ask /proc (an exited task's events still read)
             gone = [i for i in got if not check(pids[i], roster.tids[i])]
@@ -451,19 +485,18 @@ class PerfCollector:
             other = [(i, m) for i, m in other if check(pids[i], roster.tids[i])]
         values = np.full((n, len(self._cols)), nan)
         if got:
-            self._scale_rows(np.array(got, np.intp), values, when, missing)
-        now = monotonic()
+            self._scale_rows(np.array(got, np.intp), values, missing)
+        now = time.monotonic()
         for i, m in other:
             when[i] = now
             missing[i] = m
         self._note_fd_limit(short, roster, when, missing, live, check)
-        return Batch(self._cols, values, np.array(when), np.full(n, NO_CPU, np.int64), missing)
+        return Batch(self._cols, values, when, np.full(n, NO_CPU, np.int64), missing)
 
     def _scale_rows(
         self,
         ix: npt.NDArray[np.intp],
         values: FloatArray,
-        when: list[float],
         missing: list[Mapping[str, str]],
     ) -> None:
         """The rows' readings (in the buffer) -> multiplex-scaled cumulative counts, all at once."""
@@ -504,10 +537,13 @@ class PerfCollector:
         vals[out] = math.nan
         values[ix] = vals
         rows = self._rows
-        for row in ix.tolist():
-            g = rows[row]
-            assert g is not None
-            missing[row] = g.missing
+        ixl = ix.tolist()
+        reasons = list(map(_MISSING_OF, map(rows.__getitem__, ixl)))  # rows in ix have a group
+        if len(ixl) == len(missing):  # every row, in order
+            missing[:] = reasons
+        else:
+            for row, m in zip(ixl, reasons, strict=True):
+                missing[row] = m
         for r in np.flatnonzero(out).tolist():
             row = int(ix[r])
             g = rows[row]
@@ -579,7 +615,7 @@ class PerfCollector:
         self,
         short: list[int],
         roster: Roster,
-        when: list[float],
+        when: FloatArray,
         missing: list[Mapping[str, str]],
         live: list[bool] | None,
         check: _Alive | None,
@@ -606,6 +642,7 @@ class PerfCollector:
         if g is not None:
             if 0 <= g.row < len(self._rows) and self._rows[g.row] is g:
                 self._rows[g.row] = None
+                self._hot_rows = None
             g.row = -1
             g.bufs = ()
             self._close_fds(g.fds)

@@ -340,8 +340,12 @@ class Sampler:
                 miss_i = tuple(m[i] for m in rd.missing if m[i])
                 vals_i = tuple(None if nan_mask[i, f] else 0.0 for f in range(len(RATE_FIELDS)))
                 whys.append(self._why(vals_i, packed[i].tolist(), miss_i, caps, fallback))
-            for i, g in zip(needy.tolist(), inverse.reshape(-1).tolist(), strict=True):
-                why_rows[i] = whys[g]
+            groups = inverse.reshape(-1).tolist()
+            if needy.size == n:  # every row (e.g. no PMU: the hardware rates are all None)
+                why_rows = list(map(whys.__getitem__, groups))
+            else:
+                for i, g in zip(needy.tolist(), groups, strict=True):
+                    why_rows[i] = whys[g]
 
         lists = [_with_none(fields[nm]) for nm in VCPU_RATE_FIELDS]
         cpus = _with_none_int(rd.last_cpu)

@@ -428,3 +428,35 @@ def test_liveness_from_the_sampler_closes_groups_without_reading(monkeypatch: py
         back = perf.sample_batch(roster, np.array([True]))  # reopened: a fresh group, no history
         assert back.seen.tolist() == [True] and _fd_count() == fds + 2
     perf.close()
+
+
+def test_a_failing_group_read_closes_only_that_group_and_it_is_reopened(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    from collectors.base import Roster
+
+    perf = PerfCollector(SOFTWARE)
+    with worker() as a, worker() as b:
+        roster = Roster((a.ref, b.ref))
+        assert perf.sample_batch(roster).seen.tolist() == [True, True]
+        bad = perf._groups[a.tid].leader
+        real = os.readv
+
+        def readv(fd: int, bufs: list[memoryview]) -> int:
+            if fd == bad:
+                raise OSError(errno.EIO, "Input/output error")
+            return real(fd, bufs)
+
+        monkeypatch.setattr(os, "readv", readv)
+        t0 = time.monotonic()
+        got = perf.sample_batch(roster)
+        t1 = time.monotonic()
+        monkeypatch.undo()
+        assert got.seen.tolist() == [False, True]
+        assert a.tid not in perf._groups and b.tid in perf._groups
+        assert t0 <= got.time[1] <= t1
+        again = perf.sample_batch(roster)  # reopened: a fresh group for a
+        assert again.seen.tolist() == [True, True] and a.tid in perf._groups
+    perf.close()

@@ -151,3 +151,97 @@ def test_procfs_is_a_batch_collector_with_exact_liveness() -> None:
 
     procfs = ProcfsCollector()
     assert isinstance(procfs, BatchCollector) and procfs.exact_liveness
+
+
+# --- read_each: the C-looped reads both collectors use -------------------------------------------
+
+
+def test_read_each_calls_every_row_once_in_order_and_resumes_after_an_oserror() -> None:
+    from collectors.base import read_each
+
+    calls: list[int] = []
+
+    def call(fd: int, buf: object, extra: int) -> int:
+        calls.append(fd)
+        if fd in (3, 16, 17, 39):
+            raise OSError(3, "No such process")
+        return fd * extra
+
+    got, when = read_each(call, list(range(40)), [None] * 40, 2, chunk=16)
+    assert calls == list(range(40))
+    assert got.tolist() == [-1 if fd in (3, 16, 17, 39) else 2 * fd for fd in range(40)]
+    assert len(when) == 40
+    empty = read_each(call, [], [])
+    assert empty[0].size == 0 and empty[1].size == 0
+
+
+def test_read_each_times_lie_within_their_stretch_of_reads() -> None:
+    """An interpolated time is never off by more than its stretch: between its first call and the next's."""
+    import time
+
+    from collectors.base import read_each
+
+    at: list[float] = []
+
+    def call(fd: int, buf: object) -> int:
+        at.append(time.monotonic())
+        time.sleep(0.0002)
+        if fd == 13:
+            raise OSError(3, "No such process")
+        return 0
+
+    chunk = 8
+    got, when = read_each(call, list(range(30)), [None] * 30, chunk=chunk)
+    after = time.monotonic()
+    starts = [0, 8, 14, 22]  # a stretch ends after its chunk or just after a raising call (row 13)
+    for j in range(30):
+        s = max(x for x in starts if x <= j)
+        nxt = at[min(x for x in [*starts, 30] if x > j)] if j < starts[-1] else after
+        assert at[s] <= when[j] <= nxt
+    assert (when[1:] >= when[:-1]).all()
+    assert got.tolist() == [-1 if j == 13 else 0 for j in range(30)]
+    assert when[12] < at[13] + 0.0002 <= when[14]  # the raising call closes its stretch
+
+
+def test_new_threads_join_the_fast_path_and_a_failing_fd_does_not_stop_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import time
+
+    from collectors.base import Roster
+
+    refs = [
+        _fake_task(tmp_path, 10, tid, _stat_line("CPU 0/KVM"), f"{tid}000 5 1\n".encode()) for tid in (11, 12)
+    ]
+    procfs = ProcfsCollector(proc=str(tmp_path))
+    procfs.sample_batch(Roster(tuple(refs)))
+    refs.append(_fake_task(tmp_path, 10, 13, _stat_line("CPU 1/KVM"), b"13000 5 1\n"))
+    roster = Roster(tuple(refs))
+    procfs.sample_batch(roster)  # 13 is new: opened on the careful path
+    assert procfs._hot()[0].tolist() == [0, 1, 2]  # and read on the fast one from now on
+    real = os.preadv
+    bad = procfs._tasks[12].fds[1]
+
+    def preadv(fd: int, bufs: list[memoryview], offset: int) -> int:
+        if fd == bad:
+            raise OSError(errno.ESRCH, "No such process")
+        return real(fd, bufs, offset)
+
+    real_pread = os.pread
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        if fd == bad:
+            raise OSError(errno.ESRCH, "No such process")
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(os, "pread", pread)  # the careful path asks the kept fd again
+    t0 = time.monotonic()
+    b = procfs.sample_batch(roster)
+    t1 = time.monotonic()
+    monkeypatch.undo()
+    procfs.close()
+    assert b.seen.tolist() == [True, False, True]  # 12's kept fd says gone
+    assert b.values[0, 0] == pytest.approx(11e-6) and b.values[2, 0] == pytest.approx(13e-6)
+    assert t0 <= b.time[0] <= b.time[2] <= t1
