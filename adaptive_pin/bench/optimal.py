@@ -14,6 +14,15 @@ for k VMs of v vCPUs on D domains. Each candidate is scored by the simulator its
 SimHost as the closed-loop runs: cache fixed point, SMT, NUMA first touch, time-sharing) as its
 steady-state weighted speedup: the mean of ``MEASURE_TICKS`` ticks after ``WARMUP_TICKS``, with the
 scenario's seed, so every candidate sees the same scheduler noise.
+
+Where that space is over the budget, a second, smaller search runs when it fits: only *whole-VM*
+placements (every vCPU of a VM in one domain), a multiset of domains per class:
+
+    candidates = prod over classes of C(D + k - 1, k)
+
+Those are a subset of the full space, so its best is a **lower bound** of the true best (which
+may split a VM over domains); a share against it can exceed 1.0. ``BestPlacement.exact`` says
+which: True only for the full search.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 from adaptive_pin.model import CpuSet, Topology
@@ -31,7 +40,8 @@ from adaptive_pin.sim.scenario import Scenario, VmSpec
 VCpuName = tuple[str, int]  # (VM name, vCPU index): names, since a re-run gives new guest ids
 WARMUP_TICKS = 2
 MEASURE_TICKS = 3
-METHOD = "exhaustive"
+METHOD = "exhaustive"  # every LLC-domain placement: the true best at that granularity
+WHOLE_VM_METHOD = "exhaustive, whole VMs"  # whole-VM placements only: a lower bound of the best
 
 
 @dataclass(frozen=True)
@@ -44,19 +54,22 @@ class StaticCase:
 
 @dataclass(frozen=True)
 class BestPlacement:
-    method: str
+    method: str  # METHOD or WHOLE_VM_METHOD
+    exact: bool  # True: the best over every candidate; False: a lower bound of it (whole VMs)
     candidates: int
     best_ws: float
     worst_ws: float
     domains: tuple[str, ...]  # cpulists
     assignment: Mapping[str, tuple[int, ...]]  # VM -> vCPUs in each domain
     wall_s: float
+    full_candidates: int  # the full space's size (== candidates when exact)
 
 
 @dataclass(frozen=True)
 class NotSearched:
     reason: str
     candidates: int | None = None
+    whole_vm_candidates: int | None = None
 
 
 def static_case(scenario: Scenario, duration: float, topology: Topology | None = None) -> StaticCase:
@@ -124,13 +137,27 @@ def candidate_count(case: StaticCase) -> int:
     return total
 
 
-def candidates(case: StaticCase) -> Iterator[dict[str, tuple[int, ...]]]:
-    """Every symmetry-reduced assignment: VM name -> vCPUs per domain."""
+def whole_vm_candidate_count(case: StaticCase) -> int:
+    d = len(case.domains)
+    total = 1
+    for cls in _classes(case):
+        total *= math.comb(d + len(cls) - 1, len(cls))
+    return total
+
+
+def _whole(vcpus: int, parts: int) -> list[tuple[int, ...]]:
+    """The compositions that put all ``vcpus`` in one domain (in ``_compositions``' order)."""
+    return [tuple(vcpus if i == j else 0 for i in range(parts)) for j in reversed(range(parts))]
+
+
+def _assignments(
+    case: StaticCase, compositions: Callable[[int, int], list[tuple[int, ...]]]
+) -> Iterator[dict[str, tuple[int, ...]]]:
     d = len(case.domains)
     per_class = [
         [
             dict(zip((vm.name for vm in cls), combo, strict=True))
-            for combo in itertools.combinations_with_replacement(_compositions(cls[0].vcpus, d), len(cls))
+            for combo in itertools.combinations_with_replacement(compositions(cls[0].vcpus, d), len(cls))
         ]
         for cls in _classes(case)
     ]
@@ -139,6 +166,16 @@ def candidates(case: StaticCase) -> Iterator[dict[str, tuple[int, ...]]]:
         for part in parts:
             merged.update(part)
         yield merged
+
+
+def candidates(case: StaticCase) -> Iterator[dict[str, tuple[int, ...]]]:
+    """Every symmetry-reduced assignment: VM name -> vCPUs per domain."""
+    return _assignments(case, _compositions)
+
+
+def whole_vm_candidates(case: StaticCase) -> Iterator[dict[str, tuple[int, ...]]]:
+    """Every symmetry-reduced assignment that keeps each VM in one domain."""
+    return _assignments(case, _whole)
 
 
 def affinity_of(case: StaticCase, assignment: Mapping[str, tuple[int, ...]]) -> dict[VCpuName, CpuSet]:
@@ -152,30 +189,66 @@ def affinity_of(case: StaticCase, assignment: Mapping[str, tuple[int, ...]]) -> 
     return out
 
 
-def search(case: StaticCase, budget: int) -> BestPlacement | NotSearched:
-    """The best candidate by steady-state weighted speedup, or why the search was not run."""
-    if len(case.domains) < 2:
-        return NotSearched("one LLC domain: nothing to choose at LLC granularity")
-    if not case.movable:
-        return NotSearched("no VM the controller may move")
-    n = candidate_count(case)
-    if n > budget:
-        return NotSearched(f"{n} candidates, more than the search budget of {budget}", n)
+def _best_of(
+    case: StaticCase, method: str, assignments: Iterator[dict[str, tuple[int, ...]]], n: int, n_full: int
+) -> BestPlacement:
     t0 = time.perf_counter()
     best: tuple[float, dict[str, tuple[int, ...]]] | None = None
     worst = math.inf
-    for assignment in candidates(case):
+    for assignment in assignments:
         ws = steady_ws(case, affinity_of(case, assignment))
         worst = min(worst, ws)
         if best is None or ws > best[0] + 1e-12:
             best = (ws, assignment)
     assert best is not None  # at least one movable VM: at least one candidate
     return BestPlacement(
-        method=METHOD,
+        method=method,
+        exact=method == METHOD,
         candidates=n,
         best_ws=best[0],
         worst_ws=worst,
         domains=tuple(d.to_list() for d in case.domains),
         assignment=best[1],
         wall_s=time.perf_counter() - t0,
+        full_candidates=n_full,
+    )
+
+
+def search_full(case: StaticCase) -> BestPlacement:
+    """The best of every LLC-domain placement, whatever the count."""
+    n = candidate_count(case)
+    return _best_of(case, METHOD, candidates(case), n, n)
+
+
+def search_whole_vms(case: StaticCase) -> BestPlacement:
+    """The best whole-VM placement, whatever the count: a lower bound of ``search_full``'s."""
+    return _best_of(
+        case,
+        WHOLE_VM_METHOD,
+        whole_vm_candidates(case),
+        whole_vm_candidate_count(case),
+        candidate_count(case),
+    )
+
+
+def search(case: StaticCase, budget: int) -> BestPlacement | NotSearched:
+    """The best placement by steady-state weighted speedup, or why no search was run.
+
+    The full search where its count is within ``budget``; else the whole-VM search where that
+    count is; else nothing.
+    """
+    if len(case.domains) < 2:
+        return NotSearched("one LLC domain: nothing to choose at LLC granularity")
+    if not case.movable:
+        return NotSearched("no VM the controller may move")
+    n = candidate_count(case)
+    if n <= budget:
+        return search_full(case)
+    n_whole = whole_vm_candidate_count(case)
+    if n_whole <= budget:
+        return search_whole_vms(case)
+    return NotSearched(
+        f"{n:,} candidates, {n_whole:,} with whole VMs only: both more than the search budget of {budget}",
+        n,
+        n_whole,
     )

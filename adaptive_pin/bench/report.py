@@ -11,7 +11,7 @@ from adaptive_pin.bench.decision_time import DecisionTime
 from adaptive_pin.bench.runner import MIXED_SCENARIOS, BenchOptions, PolicyRow, ScenarioBench
 from adaptive_pin.bench.targets import TargetResult
 
-JSON_VERSION = 1
+JSON_VERSION = 2  # 2: best placements carry exact / full_candidates; two search methods
 COLUMNS = (
     ("policy", 12),
     ("WS", 8),
@@ -55,10 +55,20 @@ def _best_text(best: optimal.BestPlacement | optimal.NotSearched) -> str:
     if isinstance(best, optimal.NotSearched):
         return f"best placement: not searched ({best.reason})"
     vms = ", ".join(f"{vm} {'+'.join(map(str, n))}" for vm, n in best.assignment.items())
+    if best.exact:
+        head = f"best placement: {best.method} search over {best.candidates:,} candidates"
+        note = ""
+    else:
+        head = (
+            f"best placement: {best.method} search over {best.candidates:,} candidates "
+            f"(the full {best.full_candidates:,} are over the budget)"
+        )
+        note = (
+            "\n  a lower bound of the true best (which may split a VM): a best share above 1.0 can be right"
+        )
     return (
-        f"best placement: {best.method} search over {best.candidates} candidates in {best.wall_s:.1f} s: "
-        f"steady WS {best.best_ws:.3f} (worst candidate {best.worst_ws:.3f})\n"
-        f"  vCPUs per LLC domain [{' | '.join(best.domains)}]: {vms}"
+        f"{head} in {best.wall_s:.1f} s: steady WS {best.best_ws:.3f} (worst candidate {best.worst_ws:.3f})"
+        f"{note}\n  vCPUs per LLC domain [{' | '.join(best.domains)}]: {vms}"
     )
 
 
@@ -118,7 +128,7 @@ def text(
         f"{', quick' if options.quick else ''}; ratios are paired per seed against none\n"
         "WS weighted speedup; thru throughput; migr controller migrations per vCPU-hour (steady: once "
         f"settled); settle: control ticks, worst arrival; best share: steady WS of the final "
-        f"placement / the best placement's"
+        f"placement / the best placement's (each scenario's search method is named under its table)"
     )
     parts = [head, *(scenario_text(sb) for sb in benches)]
     if decision is not None:
@@ -151,7 +161,11 @@ def to_json(
             "mixed_scenarios": sorted(MIXED_SCENARIOS),
             "settle_window_ticks": settle.SETTLE_WINDOW_TICKS,
             "steady_after_ticks": settle.STEADY_AFTER_TICKS,
-            "best_placement_method": optimal.METHOD,
+            "best_placement_methods": {
+                optimal.METHOD: "every LLC-domain placement: the true best (exact)",
+                optimal.WHOLE_VM_METHOD: "whole-VM placements only, where the full count is over the budget: "
+                "a lower bound of the true best (not exact), so a share against it can exceed 1.0",
+            },
             "best_placement_budget": options.search_budget,
             "steady_state_ticks": {"warmup": optimal.WARMUP_TICKS, "measure": optimal.MEASURE_TICKS},
         },

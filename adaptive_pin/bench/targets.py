@@ -2,6 +2,12 @@
 
 Every target is judged on its worst case: the smallest gain, the largest MPKI ratio, the
 slowest settling over the scenarios it applies to, so one PASS means every scenario passed.
+
+"Share of the best placement" is judged against whichever best a scenario has: the full search's
+(the true best) or, where that is over the budget, the whole-VM search's, a lower bound of the
+true best; the scope line names the method per scenario. Against a lower bound a share below the
+goal is a sure miss, and one at or above it says the policy is within 3% of (or beyond) the best
+whole-VM placement.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from adaptive_pin.bench import optimal
 from adaptive_pin.bench.decision_time import DecisionTime
 from adaptive_pin.bench.runner import STATIC_BASELINES, PolicyRow, ScenarioBench
 
@@ -65,6 +72,22 @@ def _subject(fn: Callable[[PolicyRow], float | None]) -> Callable[[ScenarioBench
     return value
 
 
+def _best_scope(benches: Sequence[ScenarioBench]) -> str:
+    """Which scenarios have a best placement, grouped by the search that found it."""
+    by_method: dict[str, list[str]] = {}
+    for sb in benches:
+        if isinstance(sb.best, optimal.BestPlacement):
+            by_method.setdefault(sb.best.method, []).append(sb.scenario)
+    if not by_method:
+        return "where the best is known"
+    parts = []
+    for method in (optimal.METHOD, optimal.WHOLE_VM_METHOD):
+        if method in by_method:
+            bound = "" if method == optimal.METHOD else " (a lower bound of the best)"
+            parts.append(f"{', '.join(by_method[method])}: {method}{bound}")
+    return "best known by " + "; ".join(parts)
+
+
 def evaluate(benches: Sequence[ScenarioBench], decision: DecisionTime | None) -> list[TargetResult]:
     mixed = [sb for sb in benches if sb.mixed]
     out = [
@@ -82,7 +105,7 @@ def evaluate(benches: Sequence[ScenarioBench], decision: DecisionTime | None) ->
         _judge("MPKI vs none", "mixed scenarios", mixed, _subject(lambda r: r.mpki_vs_none), 0.85, False),
         _judge(
             "share of the best placement",
-            "where the best is known",
+            _best_scope(benches),
             benches,
             _subject(lambda r: r.best_share),
             0.97,

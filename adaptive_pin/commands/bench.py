@@ -21,8 +21,9 @@ scheduler alone) measured in this same run:
   MPKI/none     aggregate LLC misses per 1000 instructions over none's (lower is better)
   migr/vCPU-h   the controller's migrations per vCPU-hour (steady: once settled)
   settle max    control ticks from a VM's arrival to the last move it caused
-  best share    steady weighted speedup of the final placement over the best placement
-                found by exhaustive search, on scenarios small enough to search
+  best share    steady weighted speedup of the final placement over the best placement:
+                exhaustive search where small enough, else exhaustive over whole-VM
+                placements (a lower bound of the best), else not searched
 Then the time one decision takes on a 512-PU host with 2,048 vCPUs, and every target judged
 PASS or MISS on its worst scenario. Definitions: docs/bench.md.
 """

@@ -1,0 +1,154 @@
+"""The best-placement searches: the full one (the true best) and the whole-VM one (a lower bound)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from adaptive_pin.bench import optimal, runner, targets
+from adaptive_pin.cli import main
+from adaptive_pin.sim.scenario import loads_scenario
+
+# 1 package, 2 LLC domains of 2 single-thread cores: 4 PUs.
+TINY_HOST = """
+name = "tiny"
+duration = 10
+tick = 1.0
+seed = 3
+[host]
+synthetic = { packages = 1, llc_per_package = 2, cores_per_llc = 2, threads_per_core = 1, llc_mib = 2 }
+"""
+
+
+def tiny_case(vms: str) -> optimal.StaticCase:
+    sc = loads_scenario(TINY_HOST + vms)
+    return optimal.static_case(sc, sc.duration)
+
+
+def is_whole(assignment: dict[str, tuple[int, ...]]) -> bool:
+    return all(sum(1 for n in counts if n) <= 1 for counts in assignment.values())
+
+
+TWO_VMS = """
+[[vms]]
+name = "sort"
+vcpus = 2
+workload = "sort"
+[[vms]]
+name = "triad"
+vcpus = 2
+workload = "stream-triad"
+"""
+
+ONE_WIDE_VM = """
+[[vms]]
+name = "wide"
+vcpus = 4
+workload = "intloop"
+"""
+
+
+def test_whole_vm_candidates_are_the_full_spaces_unsplit_ones() -> None:
+    case = tiny_case(
+        TWO_VMS + ONE_WIDE_VM.replace('"wide"', '"wide-1"') + ONE_WIDE_VM.replace('"wide"', '"wide-2"')
+    )
+    full = list(optimal.candidates(case))
+    whole = list(optimal.whole_vm_candidates(case))
+    assert len(full) == optimal.candidate_count(case)
+    assert len(whole) == optimal.whole_vm_candidate_count(case)
+    # sort, triad: 2 domains each; the two identical wide VMs: a multiset of 2 domains, C(3, 2) = 3.
+    assert len(whole) == 2 * 2 * 3
+    assert sorted(map(sorted, (a.items() for a in whole))) == sorted(
+        map(sorted, (a.items() for a in full if is_whole(a)))
+    )
+
+
+def test_whole_vm_search_finds_the_best_unsplit_placement() -> None:
+    case = tiny_case(TWO_VMS)
+    scored = [(optimal.steady_ws(case, optimal.affinity_of(case, a)), a) for a in optimal.candidates(case)]
+    full, whole = optimal.search_full(case), optimal.search_whole_vms(case)
+    assert (full.method, full.exact, full.candidates) == (optimal.METHOD, True, 9)
+    assert (whole.method, whole.exact, whole.candidates) == (optimal.WHOLE_VM_METHOD, False, 4)
+    assert whole.full_candidates == full.candidates == 9
+    assert full.best_ws == pytest.approx(max(ws for ws, _ in scored))
+    assert whole.best_ws == pytest.approx(max(ws for ws, a in scored if is_whole(a)))
+    assert full.best_ws >= whole.best_ws - 1e-12
+    # Here the best keeps each VM whole, in a domain of its own: both searches find it.
+    assert is_whole(dict(full.assignment))
+    assert full.best_ws == pytest.approx(whole.best_ws)
+    assert sorted(full.assignment.values()) == [(0, 2), (2, 0)]  # (or the other way round: a tie)
+
+
+def test_whole_vm_best_is_a_lower_bound_when_the_best_splits_a_vm() -> None:
+    # One 4-vCPU VM on two 2-PU domains: whole, two vCPUs time-share each PU; split, none do.
+    case = tiny_case(ONE_WIDE_VM)
+    full, whole = optimal.search_full(case), optimal.search_whole_vms(case)
+    assert dict(full.assignment) == {"wide": (2, 2)}
+    assert full.best_ws > whole.best_ws * 1.05
+
+
+def test_search_falls_back_to_whole_vms_only_when_the_full_space_is_over_budget() -> None:
+    case = tiny_case(TWO_VMS)
+    assert optimal.search(case, 9).method == optimal.METHOD  # type: ignore[union-attr]
+    fallback = optimal.search(case, 8)
+    assert isinstance(fallback, optimal.BestPlacement)
+    assert (fallback.method, fallback.exact) == (optimal.WHOLE_VM_METHOD, False)
+    none = optimal.search(case, 3)
+    assert isinstance(none, optimal.NotSearched)
+    assert (none.candidates, none.whole_vm_candidates) == (9, 4)
+    assert "9 candidates, 4 with whole VMs only" in none.reason
+
+
+def test_report_json_and_targets_name_the_whole_vm_method(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # demo has 216 candidates, 27 with whole VMs: a budget of 100 takes the whole-VM search.
+    monkeypatch.setattr(runner, "QUICK_SEARCH_BUDGET", 100)
+    argv = ["bench", "--quick", "--scenario", "demo", "--no-decision-time", "--policy", "cache-aware"]
+    assert main([*argv, "--json"]) == 0
+    doc: dict[str, Any] = json.loads(capsys.readouterr().out)
+    (sc,) = doc["scenarios"]
+    best = sc["best"]
+    assert (best["method"], best["exact"], best["candidates"], best["full_candidates"]) == (
+        optimal.WHOLE_VM_METHOD,
+        False,
+        27,
+        216,
+    )
+    assert set(doc["definitions"]["best_placement_methods"]) == {optimal.METHOD, optimal.WHOLE_VM_METHOD}
+    share = next(t for t in doc["targets"] if t["name"] == "share of the best placement")
+    assert share["scope"] == "best known by demo: exhaustive, whole VMs (a lower bound of the best)"
+    measured = next(r["best_share"] for r in sc["rows"] if r["policy"] == "cache-aware")
+    assert share["measured"] == pytest.approx(measured)
+    assert share["status"] == (targets.PASS if measured >= 0.97 else targets.MISS)
+
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "best placement: exhaustive, whole VMs search over 27 candidates (the full 216" in out
+    assert "a lower bound of the true best" in out
+    assert "demo: exhaustive, whole VMs" in out
+
+
+def test_full_search_is_kept_where_it_fits(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(
+            [
+                "bench",
+                "--quick",
+                "--scenario",
+                "demo",
+                "--no-decision-time",
+                "--policy",
+                "cache-aware",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    doc = json.loads(capsys.readouterr().out)
+    (sc,) = doc["scenarios"]
+    assert (sc["best"]["method"], sc["best"]["exact"]) == (optimal.METHOD, True)
+    share = next(t for t in doc["targets"] if t["name"] == "share of the best placement")
+    assert share["scope"] == "best known by demo: exhaustive"
