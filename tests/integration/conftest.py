@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -39,6 +40,14 @@ def _libvirt() -> Any:
 
 def _pid_alive(pid: int) -> bool:
     return os.path.isdir(f"/proc/{pid}")
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -23,16 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adaptive_pin.model import CpuSet
 from tests.conftest import require
-from tests.integration.conftest import URI, DomainSpec, cpus_allowed, wait_for
+from tests.integration.conftest import URI, DomainSpec, cpus_allowed, free_port, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Daemon:
@@ -91,7 +83,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[[], Daemon]]:
     started: list[Daemon] = []
 
     def start() -> Daemon:
-        started.append(Daemon(tmp_path, _free_port()))
+        started.append(Daemon(tmp_path, free_port()))
         return started[-1]
 
     yield start

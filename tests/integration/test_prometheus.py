@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import pytest
 from adaptive_pin.metrics import MetricsExporter
 from adaptive_pin.model import CpuSet, Verdict
 from tests.conftest import require
+from tests.integration.conftest import free_port
 from tests.metrics_exprs import (
     ALERTS,
     LABEL_VALUES,
@@ -75,13 +75,6 @@ EMPTY_WHEN_HEALTHY = {
     "AdaptivePinCountersUnavailable": "the counters are available (sim / synthetic PMU)",
     "AdaptivePinErrors": "needs 15 minutes of errors",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Prom:
