@@ -49,6 +49,7 @@ from adaptive_pin.config import (
 from adaptive_pin.errors import AdaptivePinError, UsageError
 from adaptive_pin.lockfile import InstanceLock
 from adaptive_pin.model import CpuSet, TickReport
+from adaptive_pin.runtime import freeze_startup_heap
 from policies.registry import get_policy
 
 log = logging.getLogger("adaptive_pin.daemon")
@@ -193,6 +194,7 @@ class Daemon:
                 ctl.settings.interval_s,
                 " (dry run: nothing is pinned)" if ctl.settings.dry_run else "",
             )
+            freeze_startup_heap()  # what is alive now lives as long as the loop
             self._loop(asm, exporter)
         finally:
             if asm is not None:

@@ -13,7 +13,9 @@ cost under 1 % of one core.
 What a round reads is what the controller's runtime reads: one perf group read per thread,
 procfs schedstat per thread (CPU time, run delay) and stat for the last CPU at the collector's
 default ``stat_every`` (new threads, then every 4th round per thread that has run since: see
-collectors/procfs.py for that staleness), and the rates of every vCPU. On a shared host the
+collectors/procfs.py for that staleness), and the rates of every vCPU. Once set up, the heap is
+frozen out of the cyclic GC (adaptive_pin.runtime.freeze_startup_heap), as ``adaptive-pin run``
+does; the collections a round's own objects trigger are still counted. On a shared host the
 per-round figures swing with other load; ``best`` is the quietest round.
 
     python -m benchmarks.sampling [--threads 100,500,1000] [--rounds N] [--json]
@@ -35,6 +37,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 
+import numpy as np
+
+from adaptive_pin import runtime
 from adaptive_pin.model import (
     CONTEXT_SWITCHES,
     CYCLES,
@@ -157,12 +162,14 @@ def _stop(helpers: list[tuple[mp.process.BaseProcess, Connection]]) -> None:
             proc.kill()
 
 
-def measure(n: int, rounds: int, interval_s: float = 0.1) -> Result:
+def measure(n: int, rounds: int, interval_s: float = 0.1, freeze_gc: bool = True) -> Result:
     guests, helpers = _spawn(n)
     perf = PerfCollector(EVENTS)
     sampler = Sampler([perf, ProcfsCollector()], half_life_s=5.0)
     try:
         first = sampler.sample(guests)
+        if freeze_gc:
+            runtime.freeze_startup_heap()  # as `adaptive-pin run` does once it is set up
         per: dict[str, list[float]] = {"perf": [], "procfs": [], "rates": [], "total": [], "wall": []}
         for _ in range(rounds):
             time.sleep(interval_s)
@@ -212,9 +219,25 @@ def _table(results: Sequence[Result]) -> str:
             f"{r.total_best_us:>7.2f} {r.target_us:>7.1f} {r.ratio:>6.2f} {r.wall_us:>7.2f} "
             f"{r.first_round_us:>7.2f} {r.core_percent_at_1hz:>9.3f}"
         )
+    fit = cost_fit(results)
+    if fit is not None:
+        lines.append(
+            f"fit over the counts: {fit[0]:.2f} µs per vCPU + {fit[1] / 1000:.2f} ms per round "
+            "(the fixed part is what makes small rosters dearer per vCPU)"
+        )
     if results:
         lines.append(f"perf events counted: {', '.join(results[0].perf_events) or 'none'}")
     return "\n".join(lines)
+
+
+def cost_fit(results: Sequence[Result]) -> tuple[float, float] | None:
+    """Least-squares (µs per vCPU, µs per round) of the median round cost over the counts run."""
+    if len({r.threads for r in results}) < 2:
+        return None
+    n = np.array([r.threads for r in results], float)
+    per_round = np.array([r.total_us for r in results]) * n
+    slope, intercept = np.polyfit(n, per_round, 1)
+    return round(float(slope), 2), round(float(intercept), 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,9 +260,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     results = [measure(n, args.rounds) for n in counts]
     if args.json:
-        print(
-            json.dumps({"target_us_per_vcpu": TARGET_US, "results": [asdict(r) for r in results]}, indent=2)
-        )
+        fit = cost_fit(results)
+        doc = {
+            "target_us_per_vcpu": TARGET_US,
+            "results": [asdict(r) for r in results],
+            "fit": None if fit is None else {"us_per_vcpu": fit[0], "us_per_round": fit[1]},
+        }
+        print(json.dumps(doc, indent=2))
     else:
         print(_table(results))
     return 0

@@ -42,6 +42,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from types import MappingProxyType
 
 import numpy as np
@@ -65,6 +66,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 _UTIME, _STIME, _PROCESSOR = 14 - 3, 15 - 3, 39 - 3
 
 _GONE = (errno.ESRCH, errno.ENOENT)
+_STAT_BYTES = 1024  # holds the first 39 fields whatever their digits (39 x 21 + comm <= 900)
 _FD_LIMIT = (errno.EMFILE, errno.ENFILE)
 
 
@@ -89,6 +91,20 @@ def parse_stat(data: bytes) -> StatFields:
         raise ProcParseError(f"{len(fields) + 2} fields, want at least 39")
     try:
         return StatFields(int(fields[_UTIME]), int(fields[_STIME]), int(fields[_PROCESSOR]))
+    except ValueError as exc:
+        raise ProcParseError(str(exc)) from None
+
+
+def processor_of_stat(data: bytes) -> int:
+    """Field 39 (the CPU the thread last ran on) of a stat line; splits no further than it."""
+    rp = data.rfind(b")")
+    if rp < 0:
+        raise ProcParseError("no ')' closing comm")
+    fields = data[rp + 2 :].split(None, _PROCESSOR + 1)
+    if len(fields) <= _PROCESSOR:
+        raise ProcParseError(f"{len(fields) + 2} fields, want at least 39")
+    try:
+        return int(fields[_PROCESSOR])
     except ValueError as exc:
         raise ProcParseError(str(exc)) from None
 
@@ -372,20 +388,41 @@ class ProcfsCollector:
         due = (self._cpu[gx] == NO_CPU) | (
             (pcount != self._pcount[gx]) & ((self._round + gx) % self.stat_every == 0)
         )
-        rows = self._rows
-        pread = os.pread
-        for r in np.flatnonzero(due).tolist():
-            i = int(gx[r])
-            task = rows[i]
+        picked = np.flatnonzero(due)
+        if not picked.size:
+            return
+        rows_i = gx[picked]
+        fds = [t.fds[0] for t in map(self._rows.__getitem__, rows_i.tolist()) if t is not None]
+        try:
+            # One C loop over the due files; a thread that exited in between raises (ESRCH)
+            # and sends this round's due rows down the careful path below instead.
+            texts = list(map(os.pread, fds, repeat(_STAT_BYTES, len(fds)), repeat(0, len(fds))))
+            cpus = list(map(processor_of_stat, texts))
+        except (OSError, ValueError):
+            self._last_cpus_one_by_one(rows_i, pcount[picked], when, values, slow)
+            return
+        self._cpu[rows_i] = cpus
+        self._pcount[rows_i] = pcount[picked]
+
+    def _last_cpus_one_by_one(
+        self,
+        rows_i: npt.NDArray[np.intp],
+        pcount: npt.NDArray[np.int64],
+        when: FloatArray,
+        values: FloatArray,
+        slow: list[int],
+    ) -> None:
+        for i, pc in zip(rows_i.tolist(), pcount.tolist(), strict=True):
+            task = self._rows[i]
             assert task is not None
             try:
-                self._cpu[i] = parse_stat(pread(task.fds[0], 1024, 0)).processor
+                self._cpu[i] = processor_of_stat(os.pread(task.fds[0], _STAT_BYTES, 0))
             except (OSError, ValueError):
                 when[i] = math.nan
                 values[i] = math.nan
                 slow.append(i)
                 continue
-            self._pcount[i] = pcount[r]
+            self._pcount[i] = pc
 
     def _intern(self, missing: Mapping[str, str]) -> Mapping[str, str]:
         key = frozenset(missing.items())

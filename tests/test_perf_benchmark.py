@@ -40,3 +40,15 @@ def test_benchmark_refuses_bad_arguments() -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--threads" in proc.stderr
+
+
+def test_the_fit_splits_a_round_into_per_vcpu_and_fixed_cost() -> None:
+    from dataclasses import replace
+
+    from benchmarks.sampling import Result, cost_fit
+
+    base = Result(1, 1, 0, 0, 0, 0, 0, 0, 0, 10.0, 0, 0, (), 0)
+    # 5 µs per vCPU and 1,000 µs per round: per-vCPU figures 15, 7, 6 at 100, 500, 1000.
+    runs = [replace(base, threads=n, total_us=5.0 + 1000.0 / n) for n in (100, 500, 1000)]
+    assert cost_fit(runs) == (5.0, 1000.0)
+    assert cost_fit(runs[:1]) is None

@@ -16,6 +16,7 @@ from collectors.procfs import (
     parse_schedstat,
     parse_stat,
     parse_status_ctxsw,
+    processor_of_stat,
 )
 from tests.test_perf import Worker, _fd_count, _naps, _spin, worker
 
@@ -30,6 +31,15 @@ def _stat_line(comm: str, utime: int = 7, stime: int = 3, cpu: int = 1) -> bytes
 def test_stat_parses_whatever_comm_holds(comm: str) -> None:
     st = parse_stat(_stat_line(comm, utime=11, stime=5, cpu=3))
     assert (st.utime_ticks, st.stime_ticks, st.processor) == (11, 5, 3)
+
+
+@pytest.mark.parametrize("comm", ["CPU 0/KVM", "a) b) (c", "x"])
+def test_the_last_cpu_parser_agrees_with_the_full_one(comm: str) -> None:
+    line = _stat_line(comm, cpu=17)
+    assert processor_of_stat(line) == parse_stat(line).processor == 17
+    assert processor_of_stat(line[: line.index(b" 17 ") + 3]) == 17  # nothing after field 39 needed
+    with pytest.raises(ProcParseError):
+        processor_of_stat(b"4242 (x) S 1 2")
 
 
 def test_bad_files_raise_parse_errors() -> None:
@@ -139,6 +149,39 @@ def test_last_cpu_is_reread_on_its_turn_and_only_if_the_thread_ran(tmp_path: Pat
     procfs.close()
     assert cpus[:4] == [1, 1, 1, 1]
     assert cpus[4:] in ([3, 3], [1, 3])
+
+
+def test_a_stat_read_failing_on_its_turn_costs_only_that_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The due stat files are read in one loop; one thread's failure there spares the others."""
+    import errno
+
+    refs = [
+        _fake_task(tmp_path, 10, tid, _stat_line("CPU 0/KVM", cpu=tid - 10), b"1000 5 7\n")
+        for tid in (11, 12, 13)
+    ]
+    procfs = ProcfsCollector(proc=str(tmp_path), stat_every=1)
+    assert {t: c.last_cpu for t, c in procfs.sample(refs).items()} == {11: 1, 12: 2, 13: 3}
+    for tid in (11, 12, 13):  # all ran and moved: every stat is due
+        task = tmp_path / f"10/task/{tid}"
+        (task / "schedstat").write_bytes(b"2000 5 8\n")
+        (task / "stat").write_bytes(_stat_line("CPU 0/KVM", cpu=tid - 5))
+    bad = procfs._tasks[12].fds[0]
+    real = os.pread
+
+    def pread(fd: int, n: int, off: int) -> bytes:
+        if fd == bad:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, n, off)
+
+    monkeypatch.setattr(os, "pread", pread)
+    got = procfs.sample(refs)
+    monkeypatch.undo()
+    procfs.close()
+    assert {t: c.last_cpu for t, c in got.items() if t != 12} == {11: 6, 13: 8}
+    assert "Input/output error" in got[12].missing[CPU_TIME]  # the careful path says why, no stale CPU
+    assert got[12].last_cpu is None
 
 
 def test_stat_every_must_be_positive() -> None:
