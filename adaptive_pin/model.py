@@ -7,6 +7,7 @@ Everything here is immutable so a snapshot handed to a policy cannot be changed 
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -441,10 +442,12 @@ class Snapshot:
         return self.capabilities.get(LLC_MISSES) is None and self.capabilities.get(INSTRUCTIONS) is None
 
     def guest(self, guest_id: str) -> Guest:
-        for g in self.guests:
-            if g.id == guest_id:
-                return g
-        raise KeyError(guest_id)
+        return self._guest_by_id[guest_id]
+
+    @functools.cached_property
+    def _guest_by_id(self) -> dict[str, Guest]:
+        # A tick looks up every move's guest: a scan each time is O(moves x guests).
+        return {g.id: g for g in reversed(self.guests)}  # the first of duplicates wins, as a scan
 
 
 @dataclass(frozen=True)

@@ -1169,31 +1169,59 @@ class _World:
             if not ok.any():
                 break
             score = np.where(ok, np.round(gain, 12), -INF)
-            k = int(np.argmax(score))
-            fi, j = divmod(k, n)
-            i = int(first[fi])
-            gain_ij = float(gain[fi, j])
-            gi, gj = live[i], live[j]
-            di, dj = int(h[i]), int(h[j])
-            moved = len(by_vm[gi]) + len(by_vm[gj])
-            self._assign_many(by_vm[gi], dj, kind)
-            self._assign_many(by_vm[gj], di, kind)
-            used += moved
-            for gx, src, dst, other in ((gi, di, dj, gj), (gj, dj, di, gi)):
-                head = (
-                    f"{self._dom_name(src)} pressure {pressure[src]:.3f}: "
-                    if pressure is not None
-                    else "first placement: "
-                )
-                for r in by_vm[gx]:
-                    r.gain = gain_ij / moved
-                    r.why = (
-                        f"{head}{r.guest.name} swaps with {self.guests[other].name} to "
-                        f"{self._dom_name(dst)}, est. {gain_ij:.3f} vCPU-equivalents regained "
-                        "(less cache contention / load; neither has room to move alone)"
-                    )
-            alive = [q for q in alive if pool[q] not in (gi, gj)]
+            # Several swaps per pass: a pair's gain depends only on the aggregates of its two
+            # domains, so once the best pair is swapped every pair touching neither of its
+            # domains keeps its exact gain, and the best of those is taken next. Pairs touching
+            # a swapped domain wait for the next pass, recomputed.
+            gone: set[int] = set()
+            while used < budget:
+                k = int(np.argmax(score))
+                fi, j = divmod(k, n)
+                if not score[fi, j] > -INF:
+                    break
+                i = int(first[fi])
+                gi, gj = live[i], live[j]
+                moved = len(by_vm[gi]) + len(by_vm[gj])
+                if moved > budget - used:
+                    score[fi, j] = -INF
+                    continue
+                di, dj = int(h[i]), int(h[j])
+                self._swap_pair(by_vm, gi, gj, di, dj, float(gain[fi, j]), kind, pressure)
+                used += moved
+                gone.update((gi, gj))
+                touched = np.isin(h, (di, dj))
+                score[touched[first], :] = -INF
+                score[:, touched] = -INF
+            alive = [q for q in alive if pool[q] not in gone]
         return used
+
+    def _swap_pair(
+        self,
+        by_vm: Mapping[int, list[_VCpuRow]],
+        gi: int,
+        gj: int,
+        di: int,
+        dj: int,
+        gain: float,
+        kind: str,
+        pressure: FloatArray | None,
+    ) -> None:
+        moved = len(by_vm[gi]) + len(by_vm[gj])
+        self._assign_many(by_vm[gi], dj, kind)
+        self._assign_many(by_vm[gj], di, kind)
+        for gx, src, dst, other in ((gi, di, dj, gj), (gj, dj, di, gi)):
+            head = (
+                f"{self._dom_name(src)} pressure {pressure[src]:.3f}: "
+                if pressure is not None
+                else "first placement: "
+            )
+            for r in by_vm[gx]:
+                r.gain = gain / moved
+                r.why = (
+                    f"{head}{r.guest.name} swaps with {self.guests[other].name} to "
+                    f"{self._dom_name(dst)}, est. {gain:.3f} vCPU-equivalents regained "
+                    "(less cache contention / load; neither has room to move alone)"
+                )
 
     def _raw_here(self, r: _VCpuRow) -> float:
         return float(self.cost_rows([r])[0, r.dom])

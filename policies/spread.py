@@ -30,15 +30,21 @@ class SpreadPolicy(StaticPolicy):
         def load(cpus: Iterable[int]) -> int:
             return sum(occ.count[c] for c in cpus)
 
+        # Per-domain vCPU and free-PU counts, kept up to date as PUs are taken: a rescan of
+        # every PU per vCPU is O(vCPUs x PUs) (seconds at 2,048 vCPUs on 512 PUs).
+        dom_load = {d: sum(load(k) for k in cores) for d, cores in domains.items()}
+        dom_free = {d: sum(len(occ.free(k)) for k in cores) for d, cores in domains.items()}
         chosen: list[int] = []
         for _ in range(count):
-            open_domains = [d for d in sorted(domains) if any(occ.free(k) for k in domains[d])]
+            open_domains = [d for d in sorted(domains) if dom_free[d]]
             if not open_domains:
                 chosen.append(occ.least_shared(usable_order))
                 continue
-            d = min(open_domains, key=lambda i: (sum(load(k) for k in domains[i]), i))
+            d = min(open_domains, key=lambda i: (dom_load[i], i))
             pick = min((k for k in domains[d] if occ.free(k)), key=lambda k: (load(k), k[0]))
             chosen.append(occ.take(occ.free(pick)[0]))
+            dom_load[d] += 1
+            dom_free[d] -= 1
         return chosen
 
     def reason(self, topology: Topology, cpu: int) -> str:

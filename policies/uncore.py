@@ -19,7 +19,11 @@ class UncorePolicy(StaticPolicy):
 
     def place(self, topology: Topology, guest: Guest, count: int, occ: Occupancy) -> list[int]:
         order = sibling_first_order(topology)
-        domains = [[c for c in order if c in d.cpus] for d in topology.llc]
+        domain_of = {c: i for i, d in enumerate(topology.llc) for c in d.cpus}
+        domains: list[list[int]] = [[] for _ in topology.llc]
+        for c in order:
+            if c in domain_of:
+                domains[domain_of[c]].append(c)
         chosen: list[int] = []
 
         def grab(cpus: list[int]) -> None:

@@ -182,8 +182,13 @@ class SimHost:
         self._domains()
         self._distances()
         self.default_affinity = t.usable or t.online
+        self._online = t.online  # Topology.online builds a CpuSet per call; pins check it
         self._masks: dict[CpuSet, BoolArray] = {}
         self.vms: dict[str, SimVM] = {}
+        self._by_id: dict[str, SimVM] = {}
+        # Threads per PU, kept between steps for pin() (None: recount); the scheduler's step
+        # and VM arrivals and departures reset it.
+        self._pu_count: npt.NDArray[np.int64] | None = None
         self.gone: dict[str, SimVM] = {}
         self.events: list[GuestEvent] = []
         self.scheduler_migrations = 0
@@ -291,12 +296,16 @@ class SimHost:
             )
         vm.home_nodes = spec.memory_nodes
         self.vms[spec.name] = vm
+        self._by_id[guest_id] = vm
+        self._pu_count = None
         self.events.append(GuestEvent(EventKind.STARTED, guest_id, spec.name, self.now))
 
     def _stop(self, name: str) -> None:
         vm = self.vms.pop(name, None)
         if vm is None:
             return
+        self._by_id.pop(vm.id, None)
+        self._pu_count = None
         vm.stopped_at = self.now
         self.gone[name] = vm
         self.events.append(GuestEvent(EventKind.STOPPED, vm.id, name, self.now))
@@ -324,10 +333,7 @@ class SimHost:
             yield from vm.threads
 
     def find_vm(self, guest_id: str) -> SimVM | None:
-        for vm in self.vms.values():
-            if vm.id == guest_id:
-                return vm
-        return None
+        return self._by_id.get(guest_id)
 
     def thread_by_tid(self, tid: int) -> SimThread | None:
         for th in self.threads():
@@ -384,7 +390,7 @@ class SimHost:
             raise GuestGoneError(f"guest {guest_id} is gone")
         if not 0 <= vcpu < len(vm.threads):
             raise GuestGoneError(f"{vm.name} has no vCPU {vcpu}")
-        if not cpus or not cpus <= self.topology.online:
+        if not cpus or not cpus <= self._online:
             raise PinError(
                 f"{vm.name} vCPU {vcpu}: cannot pin to {cpus.to_list() or 'nothing'}: Invalid argument"
             )
@@ -392,9 +398,15 @@ class SimHost:
         th.affinity, th.mask = cpus, self.mask(cpus)
         if th.pu >= 0 and not th.mask[th.pu]:
             # sched_setaffinity moves a thread off a CPU it may no longer use right away.
-            count = np.bincount([x.pu for x in self.threads() if x.pu >= 0], minlength=self.n_pu)
+            if self._pu_count is None:
+                self._pu_count = np.bincount(
+                    [x.pu for x in self.threads() if x.pu >= 0], minlength=self.n_pu
+                ).astype(np.int64)
+            count = self._pu_count
             count[th.pu] -= 1
-            to = self.scheduler._pick(th.mask, count.astype(np.int64), th.pu, count.astype(np.float64))
+            to = self.scheduler._pick(th.mask, count, th.pu, count.astype(np.float64))
+            if to >= 0:
+                count[to] += 1
             self._moved(th, to)
             th.counters[CPU_MIGRATIONS] += 1
             self.controller_migrations += 1
@@ -425,6 +437,7 @@ class SimHost:
         threads = list(self.threads())
         sched_moves = 0
         instr_total = miss_total = cpu_total = ws = 0.0
+        self._pu_count = None  # the scheduler moves threads
         if threads:
             placed, sched_moves = self._schedule(threads, dt)
             self._first_touch(threads)
