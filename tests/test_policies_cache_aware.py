@@ -376,6 +376,31 @@ def test_two_full_domains_swap_vms_when_no_vm_can_move_alone() -> None:
     assert calm.moves == ()
 
 
+def test_independent_swaps_on_disjoint_domains_are_all_made_in_one_plan() -> None:
+    # Two copies of the full-domains case on four LLCs: each pair of domains needs its own swap,
+    # and neither swap changes the other's gain, so one plan makes both.
+    topo = make_topology(llcs_per_package=4)
+    d = [topo.llc[i].cpus for i in range(4)]
+    guests = [
+        vm(f"{kind}{i}{j}", [d[2 * i + (kind == "q")]] * 4)
+        for i in range(2)
+        for kind in ("h", "q")
+        for j in range(2)
+    ]
+    spec = {g.id: (1.0, HUNGRY if g.id.startswith("h") else 5e6) for g in guests}
+    snap = snapshot(topo, guests, load(guests, spec))
+    policy = CacheAwarePolicy()
+    plan, _ = policy.decide(snap, policy.initial_state())
+    swapped = {m.guest_id for m in plan.moves if "swaps with" in m.reason}
+    assert len(plan.moves) == 16 and len(swapped) == 4, plan.moves
+    after = apply_plan(snap, plan)
+    for i in range(2):  # each pair of domains now holds one hungry VM per domain
+        doms = [
+            {k for v in after.guest(f"h{i}{j}").vcpus for k in llc_of(topo, v.affinity)} for j in range(2)
+        ]
+        assert doms[0] != doms[1] and doms[0] | doms[1] == {2 * i, 2 * i + 1}
+
+
 def test_swap_puts_the_streamers_together_when_sensitivity_is_measured() -> None:
     # Each full domain holds one streamer and one cache-sensitive VM: swapping a streamer for a
     # sensitive VM leaves the sensitive ones together, away from the pollution.
