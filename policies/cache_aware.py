@@ -1044,10 +1044,13 @@ class _World:
             delta = costs - here[:, None]
             for i, r in enumerate(cand):
                 delta[i, r.dom] = INF
+                others = counts[r.gi] - (np.arange(self.D) == r.dom)
                 if not big[r.gi]:  # never split a VM that fits in one domain: only gather it,
                     # to where at least as many of its other vCPUs are as where it leaves
-                    others = counts[r.gi] - (np.arange(self.D) == r.dom)
                     delta[i, (others <= 0) | (others < others[r.dom])] = INF
+                elif others[r.dom] > 0:  # a VM bigger than any domain: spread over no more
+                    # domains than now (a vCPU alone in its domain may go to a new one)
+                    delta[i, others <= 0] = INF
             flat = int(np.argmin(delta))
             i, d = divmod(flat, self.D)
             gain = -float(delta[i, d])

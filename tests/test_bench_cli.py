@@ -67,6 +67,8 @@ def test_strict_exits_1_exactly_when_a_target_is_missed(capsys: pytest.CaptureFi
         (["--policy", "nope"], "--policy nope: unknown policy"),
         (["--seeds", "0"], "--seeds: expected a positive integer"),
         (["--scenario", "/nonexistent/x.toml"], "cannot read"),
+        (["--random", "-1"], "--random: expected a non-negative integer"),
+        (["--random", "1", "--random-seed", "-2"], "--random-seed: expected a non-negative integer"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -78,3 +80,49 @@ def test_bad_input_is_one_line_and_exit_2(
     assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------
+# bench --random: generated mixes on the shipped hosts
+# --------------------------------------------------------------------------------------
+
+
+def test_random_mixes_are_reproducible_valid_and_walk_the_shipped_hosts() -> None:
+    from adaptive_pin.bench import random_mix
+    from adaptive_pin.sim.scenario import loads_scenario
+
+    hosts = random_mix.hosts()
+    a = random_mix.generate(len(hosts) + 1, seed=3)
+    b = random_mix.generate(len(hosts) + 1, seed=3)
+    assert [m.text for m in a] == [m.text for m in b]  # same seed, same scenarios
+    assert [m.text for m in random_mix.generate(2, seed=4)] != [m.text for m in a[:2]]
+    assert [m.scenario.host.topology for m in a] == [*hosts, hosts[0]]
+    for m in a:
+        again = loads_scenario(m.text, origin=m.scenario.name, default_name=m.scenario.name)
+        assert again == m.scenario  # the text is the scenario: it can be saved and rerun
+        assert m.scenario.vcpu_count >= 2 and all(1 <= vm.vcpus <= 8 for vm in m.scenario.vms)
+
+
+def test_random_alone_runs_only_the_mixes_and_summarises_them(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "--quick", "--no-decision-time", "--policy", "cache-aware", "--policy", "pack"]
+    rc = main([*argv, "--random", "2", "--random-seed", "1", "--json"])
+    out, _ = capsys.readouterr()
+    assert rc == 0
+    doc = json.loads(out)
+    names = [sc["scenario"] for sc in doc["scenarios"]]
+    assert names == ["random-1-0", "random-1-1"]  # no shipped scenario ran
+    assert all(sc["source"] and not sc["mixed"] for sc in doc["scenarios"])
+    mixes = doc["random_mixes"]
+    assert mixes["count"] == 2 and mixes["seed"] == 1 and mixes["scenarios"] == 2
+    ratios = [
+        next(r["ws_vs_none"] for r in sc["rows"] if r["policy"] == "cache-aware") for sc in doc["scenarios"]
+    ]
+    vs_none = mixes["vs_none"]
+    assert vs_none["worst"] == pytest.approx(min(ratios)) and vs_none["best"] == pytest.approx(max(ratios))
+    assert vs_none["wins"] == sum(1 for x in ratios if x > 1.0 + 1e-9) and vs_none["count"] == 2
+    # The WS targets are about the shipped mixed scenarios: the generated ones do not count there.
+    ws = next(t for t in doc["targets"] if t["name"] == "weighted speedup vs none")
+    assert ws["status"] == targets.NA
+    rc = main([*argv, "--random", "1", "--scenario", "demo"])
+    text, _ = capsys.readouterr()
+    assert rc == 0 and "== demo" in text and "== random-0-0" in text and "== random mixes" in text

@@ -152,3 +152,11 @@ def test_full_search_is_kept_where_it_fits(capsys: pytest.CaptureFixture[str]) -
     assert (sc["best"]["method"], sc["best"]["exact"]) == (optimal.METHOD, True)
     share = next(t for t in doc["targets"] if t["name"] == "share of the best placement")
     assert share["scope"] == "best known by demo: exhaustive"
+
+
+def test_huge_candidate_counts_are_shown_as_a_power_of_ten() -> None:
+    from adaptive_pin.bench.optimal import _count
+
+    assert _count(4_900) == "4,900"
+    assert _count(999_999_999_999) == "999,999,999,999"
+    assert _count(3 * 10**40) == "about 10^40"

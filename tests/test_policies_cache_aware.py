@@ -401,6 +401,38 @@ def test_independent_swaps_on_disjoint_domains_are_all_made_in_one_plan() -> Non
         assert doms[0] != doms[1] and doms[0] | doms[1] == {2 * i, 2 * i + 1}
 
 
+def test_a_vm_bigger_than_any_domain_is_never_spread_wider_by_single_moves() -> None:
+    # 4 LLC domains of 4 PUs; "big" (6 vCPUs) must span two of them: 3 + 3 in LLC 0 and 1, each
+    # beside a hungry VM the controller may not move. LLC 2 and 3 hold quiet VMs it may not
+    # move either, with one PU free each: too little room to move "big" whole, but a cheaper
+    # spot for any one of its vCPUs -- which would spread the VM over a third domain.
+    topo = make_topology(llcs_per_package=4, cores_per_llc=2, threads=2)
+    d = [topo.llc[i].cpus for i in range(4)]
+    guests = [
+        vm("big", [d[0]] * 3 + [d[1]] * 3),
+        vm("h0", [d[0]], managed=False),
+        vm("h1", [d[1]], managed=False),
+        vm("q2", [d[2]] * 3, managed=False),
+        vm("q3", [d[3]] * 3, managed=False),
+    ]
+    spec = {
+        "big": (1.0, 5e6),
+        "h0": (1.0, HUNGRY),
+        "h1": (1.0, HUNGRY),
+        "q2": (1.0, QUIET),
+        "q3": (1.0, QUIET),
+    }
+    snap = snapshot(topo, guests, load(guests, spec))
+    policy = CacheAwarePolicy()
+    state = policy.initial_state()
+    for _ in range(6):
+        plan, state = policy.decide(snap, state)
+        snap = apply_plan(snap, plan)
+        spans = {k for v in snap.guest("big").vcpus for k in llc_of(topo, v.affinity)}
+        assert len(spans) <= 2, plan.moves
+    assert not {m.guest_id for m in plan.moves} - {"big"}
+
+
 def test_swap_puts_the_streamers_together_when_sensitivity_is_measured() -> None:
     # Each full domain holds one streamer and one cache-sensitive VM: swapping a streamer for a
     # sensitive VM leaves the sensitive ones together, away from the pollution.

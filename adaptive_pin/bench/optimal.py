@@ -248,7 +248,13 @@ def search(case: StaticCase, budget: int) -> BestPlacement | NotSearched:
     if n_whole <= budget:
         return search_whole_vms(case)
     return NotSearched(
-        f"{n:,} candidates, {n_whole:,} with whole VMs only: both more than the search budget of {budget}",
+        f"{_count(n)} candidates, {_count(n_whole)} with whole VMs only: both more than the search "
+        f"budget of {budget:,}",
         n,
         n_whole,
     )
+
+
+def _count(n: int) -> str:
+    """A candidate count for people: digits up to a trillion, then a power of ten."""
+    return f"{n:,}" if n < 10**12 else f"about 10^{len(str(n)) - 1}"

@@ -9,7 +9,7 @@ from typing import Any
 from adaptive_pin.bench import optimal, settle
 from adaptive_pin.bench.decision_time import DecisionTime
 from adaptive_pin.bench.runner import MIXED_SCENARIOS, BenchOptions, PolicyRow, ScenarioBench
-from adaptive_pin.bench.targets import TargetResult
+from adaptive_pin.bench.targets import MixSummary, RatioSpread, TargetResult, random_summary
 
 JSON_VERSION = 2  # 2: best placements carry exact / full_candidates; two search methods
 COLUMNS = (
@@ -105,6 +105,31 @@ def decision_text(d: DecisionTime) -> str:
     return "\n".join(lines)
 
 
+def random_text(m: MixSummary, options: BenchOptions) -> str:
+    lines = [
+        f"== random mixes (bench --random {options.random} --random-seed {options.random_seed}): "
+        f"cache-aware on {m.scenarios} generated scenario(s), no targets",
+        f"{'':<18}  {'median':>7}  {'worst':>7}  {'best':>7}  {'above 1':>8}  {'below 0.99':>10}"
+        "  worst scenario",
+    ]
+    for label, spread in (("WS / none", m.vs_none), ("WS / best static", m.vs_best_static)):
+        if spread is None:
+            lines.append(f"{label:<18}  -")
+            continue
+        lines.append(_spread_line(label, spread))
+    lines.append(
+        "  rerun one alone: its TOML is in --json (scenarios[].source), or regenerate with the same flags"
+    )
+    return "\n".join(lines)
+
+
+def _spread_line(label: str, s: RatioSpread) -> str:
+    return (
+        f"{label:<18}  {s.median:>7.3f}  {s.worst:>7.3f}  {s.best:>7.3f}  "
+        f"{f'{s.wins}/{s.count}':>8}  {f'{s.losses}/{s.count}':>10}  {s.worst_scenario}"
+    )
+
+
 def targets_text(targets: Sequence[TargetResult]) -> str:
     width = max(len(t.name) for t in targets)
     lines = ["== targets (cache-aware; each judged on its worst scenario)"]
@@ -131,6 +156,9 @@ def text(
         f"placement / the best placement's (each scenario's search method is named under its table)"
     )
     parts = [head, *(scenario_text(sb) for sb in benches)]
+    mixes = random_summary(benches)
+    if mixes is not None:
+        parts.append(random_text(mixes, options))
     if decision is not None:
         parts.append(decision_text(decision))
     parts.append(targets_text(targets))
@@ -170,7 +198,15 @@ def to_json(
             "steady_state_ticks": {"warmup": optimal.WARMUP_TICKS, "measure": optimal.MEASURE_TICKS},
         },
         "scenarios": scenarios,
+        "random_mixes": _random_json(benches, options),
         "decision_time": None if decision is None else dataclasses.asdict(decision),
         "targets": [dataclasses.asdict(t) for t in targets],
         "wall_s": wall_s,
     }
+
+
+def _random_json(benches: Sequence[ScenarioBench], options: BenchOptions) -> dict[str, Any] | None:
+    m = random_summary(benches)
+    if m is None:
+        return None
+    return {"count": options.random, "seed": options.random_seed, **dataclasses.asdict(m)}

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptive_pin.bench import optimal, settle
+from adaptive_pin.bench import optimal, random_mix, settle
 from adaptive_pin.errors import UsageError
 from adaptive_pin.model import CpuSet
 from adaptive_pin.sim.host import load_host_topology
@@ -80,6 +80,7 @@ class ScenarioBench:
     control_interval_s: float
     rows: tuple[PolicyRow, ...]
     best: optimal.BestPlacement | optimal.NotSearched
+    source: str | None = None  # a generated scenario's TOML text (bench --random); None: a file
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ class BenchOptions:
     policies: tuple[str, ...] = ()  # empty: every registered policy
     seeds: int = 3
     quick: bool = False
+    random: int = 0  # generated mixes to add (adaptive_pin.bench.random_mix)
+    random_seed: int = 0
 
     @property
     def search_budget(self) -> int:
@@ -176,7 +179,11 @@ def _row(policy: str, runs: list[RunFigures], base: list[RunFigures], best_ws: f
 
 
 def bench_scenario(
-    sc: Scenario, policies: Sequence[str], options: BenchOptions, progress: Callable[[str], None]
+    sc: Scenario,
+    policies: Sequence[str],
+    options: BenchOptions,
+    progress: Callable[[str], None],
+    source: str | None = None,
 ) -> ScenarioBench:
     duration = min(sc.duration, QUICK_DURATION_S) if options.quick else sc.duration
     sc = dataclasses.replace(sc, duration=duration)
@@ -206,6 +213,7 @@ def bench_scenario(
         control_interval_s=settle.control_interval(sc),
         rows=tuple(_row(p, runs, base, best_ws) for p, runs in by_policy.items()),
         best=best,
+        source=source,
     )
 
 
@@ -214,6 +222,12 @@ def run_bench(
 ) -> list[ScenarioBench]:
     if options.seeds < 1:
         raise UsageError(f"--seeds: expected a positive integer, got {options.seeds}")
+    if options.random < 0:
+        raise UsageError(f"--random: expected a non-negative integer, got {options.random}")
     policies = resolve_policies(options.policies)
-    scenarios = load_scenarios(options.scenarios)
-    return [bench_scenario(sc, policies, options, progress) for sc in scenarios]
+    # --random alone runs only the generated mixes; with --scenario, both.
+    named = load_scenarios(options.scenarios) if options.scenarios or not options.random else []
+    out = [bench_scenario(sc, policies, options, progress) for sc in named]
+    for mix in random_mix.generate(options.random, options.random_seed):
+        out.append(bench_scenario(mix.scenario, policies, options, progress, source=mix.text))
+    return out

@@ -12,6 +12,7 @@ whole-VM placement.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ def _row(sb: ScenarioBench, policy: str) -> PolicyRow | None:
     return next((r for r in sb.rows if r.policy == policy), None)
 
 
-def _vs_best_static(sb: ScenarioBench) -> float | None:
+def vs_best_static(sb: ScenarioBench) -> float | None:
     me = _row(sb, SUBJECT)
     statics = [r.weighted_speedup for r in sb.rows if r.policy in STATIC_BASELINES]
     if me is None or not statics:
@@ -98,7 +99,7 @@ def evaluate(benches: Sequence[ScenarioBench], decision: DecisionTime | None) ->
             "weighted speedup vs best static (pack, uncore, numa)",
             "mixed scenarios",
             mixed,
-            _vs_best_static,
+            vs_best_static,
             1.05,
             True,
         ),
@@ -146,3 +147,52 @@ def evaluate(benches: Sequence[ScenarioBench], decision: DecisionTime | None) ->
             )
         )
     return out
+
+
+@dataclass(frozen=True)
+class RatioSpread:
+    median: float
+    worst: float
+    best: float
+    wins: int  # scenarios where it is above 1.0
+    losses: int  # ... below 0.99: more than noise
+    count: int
+    worst_scenario: str
+
+
+@dataclass(frozen=True)
+class MixSummary:
+    """How cache-aware did on the generated mixes (bench --random): no targets, the spread."""
+
+    scenarios: int
+    vs_none: RatioSpread | None
+    vs_best_static: RatioSpread | None
+
+
+def _spread(values: Sequence[tuple[str, float | None]]) -> RatioSpread | None:
+    known = [(n, v) for n, v in values if v is not None]
+    if not known:
+        return None
+    worst_name, worst = min(known, key=lambda nv: nv[1])
+    vals = [v for _, v in known]
+    return RatioSpread(
+        median=statistics.median(vals),
+        worst=worst,
+        best=max(vals),
+        wins=sum(1 for v in vals if v > 1.0 + 1e-9),
+        losses=sum(1 for v in vals if v < 0.99),
+        count=len(vals),
+        worst_scenario=worst_name,
+    )
+
+
+def random_summary(benches: Sequence[ScenarioBench]) -> MixSummary | None:
+    mixes = [sb for sb in benches if sb.source is not None]
+    if not mixes:
+        return None
+    me = [(sb.scenario, _row(sb, SUBJECT)) for sb in mixes]
+    return MixSummary(
+        scenarios=len(mixes),
+        vs_none=_spread([(n, r.ws_vs_none if r else None) for n, r in me]),
+        vs_best_static=_spread([(sb.scenario, vs_best_static(sb)) for sb in mixes]),
+    )

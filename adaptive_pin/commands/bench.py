@@ -34,6 +34,7 @@ examples:
   adaptive-pin bench --quick                          60 s scenarios, 1 seed, small search
   adaptive-pin bench --scenario demo --policy cache-aware --policy pack
   adaptive-pin bench --scenario my-host.toml --no-decision-time
+  adaptive-pin bench --random 24 --seeds 1 --no-decision-time   mixes nobody tuned for
   adaptive-pin bench --json > bench.json              every figure and every run
 
 exit status: 0 when the bench ran (whatever the targets say; --strict: 1 on a MISS), 2 on bad input.
@@ -71,6 +72,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--no-decision-time", action="store_true", help="skip timing one decision on the 512-PU host"
     )
+    p.add_argument(
+        "--random",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N generated VM mixes on the shipped hosts in turn (alone: only those; "
+        "summarised apart, no targets)",
+    )
+    p.add_argument(
+        "--random-seed", type=int, default=0, metavar="S", help="seed of the generated mixes (default 0)"
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when any target is missed")
     p.add_argument("--json", action="store_true", help="machine-readable output: every figure and every run")
     p.set_defaults(func=run)
@@ -80,8 +92,17 @@ def run(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     if seeds < 1:
         raise UsageError(f"--seeds: expected a positive integer, got {seeds}")
+    if args.random < 0:
+        raise UsageError(f"--random: expected a non-negative integer, got {args.random}")
+    if args.random_seed < 0:
+        raise UsageError(f"--random-seed: expected a non-negative integer, got {args.random_seed}")
     options = runner.BenchOptions(
-        scenarios=tuple(args.scenario), policies=tuple(args.policy), seeds=seeds, quick=args.quick
+        scenarios=tuple(args.scenario),
+        policies=tuple(args.policy),
+        seeds=seeds,
+        quick=args.quick,
+        random=args.random,
+        random_seed=args.random_seed,
     )
     t0 = time.perf_counter()
 
