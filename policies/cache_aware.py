@@ -437,6 +437,12 @@ class _World:
         if not self.usable:
             notes.append("no usable CPUs: nothing to do")
             return notes
+        if self.D == 1 and self.gran in ("llc", "node"):
+            what = "NUMA node" if self.gran == "node" else "LLC domain"
+            notes.append(
+                f"one {what} on this host: at granularity {self.gran} there is nowhere to move a vCPU "
+                "(granularity core or pu places vCPUs on cores, SMT siblings apart)"
+            )
         self._check_whole_cores()
         floating, waiting = self._floating_vms()
         if waiting:

@@ -446,3 +446,14 @@ def test_swap_puts_the_streamers_together_when_sensitivity_is_measured() -> None
     assert not plans[-1].moves
     assert llcs(final, "s1") == llcs(final, "s2")
     assert llcs(final, "c1") == llcs(final, "c2") != llcs(final, "s1")
+
+
+def test_a_host_with_one_llc_domain_is_told_there_is_nowhere_to_move() -> None:
+    topo = make_topology(llcs_per_package=1)
+    guests = [vm("a", [topo.online] * 2), vm("b", [topo.online] * 2)]
+    snap = snapshot(topo, guests, load(guests, {"a": (1.0, HUNGRY), "b": (1.0, HUNGRY)}))
+    plan, _ = CacheAwarePolicy().decide(snap, None)
+    assert not [m for m in plan.moves if m.kind != "initial"]
+    assert any("one LLC domain on this host" in n and "granularity core" in n for n in plan.notes), plan.notes
+    at_core, _ = CacheAwarePolicy(granularity="core").decide(snap, None)
+    assert not any("one LLC domain" in n for n in at_core.notes)
