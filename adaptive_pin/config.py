@@ -121,7 +121,7 @@ class CollectorsConfig:
     llc_references_event: str = "cache-references"
     exclude_kernel: bool = False
     context_switches: bool = False
-    last_cpu_every: int = 4
+    last_cpu_every: int = 0
 
     def perf_events(self) -> dict[str, str]:
         """Model counter -> perf event name; an empty name leaves that counter out."""
@@ -455,9 +455,10 @@ SECTIONS: tuple[Section, ...] = (
             ),
             Option(
                 "last_cpu_every",
-                Number(1, integer=True),
-                "Re-read each thread's last CPU (/proc stat) every this many rounds (1: every round, "
-                "about 5 us per vCPU more).",
+                Number(0, integer=True),
+                "0: take each vCPU's last CPU from the inventory, whose driver reads /proc stat for "
+                "it every tick; N >= 1: the procfs collector also re-reads it every N rounds "
+                "(about 5 us per vCPU each time).",
             ),
         ),
         CollectorsConfig,

@@ -9,13 +9,18 @@ the copy); open+read+close of schedstat 6 µs; parsing stat 1.1 µs, schedstat 0
 (context switches) costs 7.8 µs and is read only on request.
 
 So each round reads ``schedstat`` only: its fields are sum_exec_runtime (ns, the CPU time),
-run_delay (ns waiting on a run queue) and pcount (times the thread got a CPU). ``stat`` is
-read for field 39, the last CPU, when a thread is new and then every ``stat_every`` rounds
-per thread, staggered so each round reads about 1/``stat_every`` of them, and skipped even
-then when pcount has not moved since the last stat read: a thread that has not been put on a
-CPU since is still where it was (short of a wakeup migration not yet run). **Staleness:** the
-last CPU of a thread that runs is up to ``stat_every - 1`` rounds old (3 s at 1 Hz with the
-default 4); ``stat_every=1`` reads it every round, at about 5 µs per thread more.
+run_delay (ns waiting on a run queue) and pcount (times the thread got a CPU). The last CPU
+(stat field 39) is left to the inventory by default (``stat_every=0``): both real drivers read
+each vCPU's stat for it every tick (adaptive_pin/drivers/_threads.py, ``read_vcpu``), just
+before the sampler runs, and every consumer falls back to that reading (``VCpu.last_cpu``) when
+the rates have none, so reading stat here too would pay for the same field twice. A thread
+seen for the first time still reports the CPU its first stat read found, that round only.
+With ``stat_every`` N >= 1 this collector reads it itself (for a sampler used without an
+inventory that knows it): when a thread is new and then every N rounds per thread, staggered
+so each round reads about 1/N of them, and skipped even then when pcount has not moved since
+the last stat read: a thread that has not been put on a CPU since is still where it was
+(short of a wakeup migration not yet run). **Staleness** then: up to N - 1 rounds; N = 1
+reads it every round, at about 5 µs per thread more.
 
 Where the kernel lacks schedstat (no CONFIG_SCHED_INFO, or sched_info off: it then answers
 "0 0 0"), stat is read every round and CPU time comes from utime + stime in clock ticks
@@ -214,9 +219,9 @@ class ProcfsCollector:
     name = "procfs"
     exact_liveness = True  # a row it leaves unseen is a thread that is gone (see the docstring)
 
-    def __init__(self, *, proc: str = "/proc", context_switches: bool = False, stat_every: int = 4) -> None:
-        if stat_every < 1:
-            raise ValueError(f"stat_every must be >= 1, not {stat_every}")
+    def __init__(self, *, proc: str = "/proc", context_switches: bool = False, stat_every: int = 0) -> None:
+        if stat_every < 0:
+            raise ValueError(f"stat_every must be >= 0, not {stat_every}")
         self._proc = proc.rstrip("/")
         self._names = ["stat", "schedstat"] + (["status"] if context_switches else [])
         self._ctxsw = context_switches
@@ -344,8 +349,10 @@ class ProcfsCollector:
                 gx = ix[good]
                 values[gx, 0] = nums[good, 0] * 1e-9
                 values[gx, 1] = nums[good, 1] * 1e-9
-                self._last_cpus(gx, nums[good, 2], when, values, slow)
-                cpus[gx] = self._cpu[gx]
+                if self.stat_every:
+                    self._last_cpus(gx, nums[good, 2], when, values, slow)
+                    cpus[gx] = self._cpu[gx]
+                # else: unknown here (never a stale first reading); the inventory's is used
         self._round += 1
 
         missing: list[Mapping[str, str]] = [NO_REASONS] * n

@@ -47,7 +47,7 @@ def test_the_fit_splits_a_round_into_per_vcpu_and_fixed_cost() -> None:
 
     from benchmarks.sampling import Result, cost_fit
 
-    base = Result(1, 1, 0, 0, 0, 0, 0, 0, 0, 10.0, 0, 0, (), 0)
+    base = Result(1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10.0, 0, 0, (), 0)
     # 5 µs per vCPU and 1,000 µs per round: per-vCPU figures 15, 7, 6 at 100, 500, 1000.
     runs = [replace(base, threads=n, total_us=5.0 + 1000.0 / n) for n in (100, 500, 1000)]
     assert cost_fit(runs) == (5.0, 1000.0)

@@ -184,9 +184,37 @@ def test_a_stat_read_failing_on_its_turn_costs_only_that_row(
     assert got[12].last_cpu is None
 
 
-def test_stat_every_must_be_positive() -> None:
+def test_stat_every_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="stat_every"):
-        ProcfsCollector(stat_every=0)
+        ProcfsCollector(stat_every=-1)
+
+
+def test_by_default_the_last_cpu_is_left_to_the_inventory_never_stale(tmp_path: Path) -> None:
+    """stat_every=0 (the default): stat is read at first sight only; later rounds say "unknown"
+    (the driver's fresh reading is used), never the first reading again."""
+    ref = _fake_task(tmp_path, 10, 11, _stat_line("CPU 0/KVM", cpu=1), b"1000 5 7\n")
+    task = tmp_path / "10/task/11"
+    procfs = ProcfsCollector(proc=str(tmp_path))
+    assert procfs.stat_every == 0
+    first = procfs.sample([ref])[11]
+    (task / "stat").write_bytes(_stat_line("CPU 0/KVM", cpu=3))
+    (task / "schedstat").write_bytes(b"2000 5 8\n")  # it ran, maybe elsewhere
+    later = [procfs.sample([ref])[11] for _ in range(3)]
+    procfs.close()
+    assert first.last_cpu == 1
+    assert [c.last_cpu for c in later] == [None, None, None]
+    assert [c.values[CPU_TIME] for c in later] == [pytest.approx(2e-6)] * 3  # the rest as usual
+
+
+def test_the_policies_take_the_inventorys_last_cpu_when_the_rates_have_none() -> None:
+    from adaptive_pin.model import VCpuRates
+    from policies.base import last_cpu
+    from tests.policy_helpers import guest, make_topology, snapshot
+
+    topo = make_topology()
+    g = guest("a", [topo.online], last_cpus=[5])
+    snap = snapshot(topo, [g], {("a", 0): VCpuRates(utilization=0.5)})
+    assert last_cpu(snap, g, g.vcpus[0]) == 5
 
 
 def test_procfs_is_a_batch_collector_with_exact_liveness() -> None:
