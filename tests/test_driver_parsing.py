@@ -7,6 +7,7 @@ import json
 import os
 import threading
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -82,6 +83,20 @@ def test_last_cpu_and_threads_of_this_process() -> None:
     assert _threads.last_cpu(pid, 999_999_999) is None
     found = _threads.vcpu_threads_by_name(pid)
     assert found.tids == {} and found.problem is not None and "debug-threads" in found.problem
+
+
+def test_last_cpu_and_names_survive_odd_comm_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """comm may hold ')' and bytes that are not UTF-8: field 39 is still found, the name still read."""
+    task = tmp_path / "10/task/11"
+    task.mkdir(parents=True)
+    fields = ["S"] + ["0"] * 50
+    fields[39 - 3] = "7"
+    (task / "stat").write_bytes(b"11 (CPU 0/KVM) (\xff) " + " ".join(fields).encode() + b"\n")
+    (task / "comm").write_bytes(b"CPU 0/KVM\xff\n")
+    monkeypatch.setattr(_threads, "PROC", str(tmp_path))
+    assert _threads.last_cpu(10, 11) == 7
+    assert _threads.task_names(10) == {11: "CPU 0/KVM\ufffd"}
+    assert _threads.last_cpu(10, 12) is None
 
 
 def test_thread_names_identify_vcpus() -> None:

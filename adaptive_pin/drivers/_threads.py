@@ -30,6 +30,16 @@ class VCpuThreads:
     problem: str | None = None
 
 
+def read_small(path: str) -> bytes:
+    """A /proc file's bytes with one open/read/close: every tick reads these per thread, and a
+    text-mode ``open()`` costs about 4x the syscalls (measured: 9.7 vs 2.6 µs for a stat)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
 def task_names(pid: int) -> dict[int, str]:
     """Thread id -> comm for every thread of ``pid``; GuestGoneError when the process is gone."""
     base = f"{PROC}/{pid}/task"
@@ -40,8 +50,7 @@ def task_names(pid: int) -> dict[int, str]:
     names: dict[int, str] = {}
     for tid in tids:
         try:
-            with open(f"{base}/{tid}/comm") as f:
-                names[tid] = f.read().rstrip("\n")
+            names[tid] = read_small(f"{base}/{tid}/comm").decode(errors="replace").rstrip("\n")
         except (FileNotFoundError, ProcessLookupError):
             continue  # a short-lived helper thread (e.g. a worker) ended while we listed
     if not names and not os.path.isdir(f"{PROC}/{pid}"):
@@ -77,12 +86,12 @@ def is_task_of(pid: int, tid: int) -> bool:
 def last_cpu(pid: int, tid: int) -> int | None:
     """Field 39 (``processor``) of /proc/<pid>/task/<tid>/stat; None when the thread is gone."""
     try:
-        with open(f"{PROC}/{pid}/task/{tid}/stat") as f:
-            stat = f.read()
+        stat = read_small(f"{PROC}/{pid}/task/{tid}/stat")
     except (FileNotFoundError, ProcessLookupError):
         return None
-    # comm (field 2) may hold spaces and parentheses: fields resume after the last ')'.
-    fields = stat.rpartition(")")[2].split()
+    # comm (field 2) may hold spaces and parentheses: fields resume after the last ')'; split
+    # no further than field 39.
+    fields = stat.rpartition(b")")[2].split(None, 39 - 3 + 1)
     try:
         return int(fields[39 - 3])
     except (IndexError, ValueError):
