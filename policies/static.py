@@ -16,6 +16,7 @@ State (JSON, see :mod:`policies.base`)::
 
 from __future__ import annotations
 
+import heapq
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Sequence
@@ -32,6 +33,9 @@ class Occupancy:
     def __init__(self, usable: CpuSet, held: Counter[int]) -> None:
         self.usable = usable
         self.count: Counter[int] = Counter({cpu: n for cpu, n in held.items() if cpu in usable})
+        # least_shared's heaps of (count, rank in order, cpu), one per preference order seen;
+        # counts only grow during a decide(), so an entry with a stale count is re-pushed.
+        self._heaps: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}
 
     def free(self, cpus: Sequence[int]) -> list[int]:
         return [c for c in cpus if c in self.usable and not self.count[c]]
@@ -41,9 +45,24 @@ class Occupancy:
         return cpu
 
     def least_shared(self, order: Sequence[int]) -> int:
-        """Overcommit: the PU with the fewest vCPUs on it, earliest in ``order`` on ties."""
-        rank = min((self.count[c], i) for i, c in enumerate(order) if c in self.usable)
-        return self.take(order[rank[1]])
+        """Overcommit: the PU with the fewest vCPUs on it, earliest in ``order`` on ties.
+
+        A heap per order, not a scan: with 4 vCPUs per PU, 2,048 vCPUs on 512 PUs made the scan
+        O(vCPUs x PUs) (a second per decision)."""
+        key = tuple(order)
+        heap = self._heaps.get(key)
+        if heap is None:
+            heap = [(self.count[c], i, c) for i, c in enumerate(key) if c in self.usable]
+            if not heap:
+                raise ValueError("no usable PU in the order")
+            heapq.heapify(heap)
+            self._heaps[key] = heap
+        while True:
+            n, i, cpu = heap[0]
+            if n == self.count[cpu]:
+                heapq.heapreplace(heap, (n + 1, i, cpu))
+                return self.take(cpu)
+            heapq.heapreplace(heap, (self.count[cpu], i, cpu))
 
 
 def sibling_first_order(topology: Topology) -> list[int]:
