@@ -399,7 +399,8 @@ class ProcfsCollector:
         if not picked.size:
             return
         rows_i = gx[picked]
-        fds = [t.fds[0] for t in map(self._rows.__getitem__, rows_i.tolist()) if t is not None]
+        # (fd -1, EBADF, for a row without files: never on the fast path, and it would fail alone)
+        fds = [-1 if t is None else t.fds[0] for t in map(self._rows.__getitem__, rows_i.tolist())]
         try:
             # One C loop over the due files; a thread that exited in between raises (ESRCH)
             # and sends this round's due rows down the careful path below instead.
