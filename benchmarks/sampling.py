@@ -181,7 +181,6 @@ def measure(
     n: int,
     rounds: int,
     interval_s: float = 0.1,
-    freeze_gc: bool = True,
     last_cpu_every: int = DEFAULT_LAST_CPU_EVERY,
 ) -> Result:
     guests, helpers = _spawn(n)
@@ -189,8 +188,7 @@ def measure(
     sampler = Sampler([perf, ProcfsCollector(stat_every=last_cpu_every)], half_life_s=5.0)
     try:
         first = sampler.sample(guests)
-        if freeze_gc:
-            runtime.freeze_startup_heap()  # as `adaptive-pin run` does once it is set up
+        runtime.freeze_startup_heap()  # as `adaptive-pin run` does once it is set up
         per: dict[str, list[float]] = {"perf": [], "procfs": [], "rates": [], "total": [], "wall": []}
         for _ in range(rounds):
             time.sleep(interval_s)

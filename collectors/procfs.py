@@ -86,14 +86,34 @@ class StatFields:
     processor: int
 
 
-def parse_stat(data: bytes) -> StatFields:
-    """Parse /proc/<pid>/task/<tid>/stat; comm may hold spaces and ')' so split after the last ')'."""
+def read_small(path: str) -> bytes:
+    """A /proc file's bytes with one open/read/close (a text-mode ``open()`` costs about 4x the
+    syscalls: measured 9.7 vs 2.6 µs for a stat). Used where no fd is kept: here when out of fds,
+    and by the drivers' per-tick inventory."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+def _stat_fields(data: bytes) -> list[bytes]:
+    """The fields of a stat line from field 3 on, split no further than field 39.
+
+    comm (field 2) may hold spaces and ')': the fields resume after the last ')'.
+    """
     rp = data.rfind(b")")
     if rp < 0:
         raise ProcParseError("no ')' closing comm")
-    fields = data[rp + 2 :].split()
+    fields = data[rp + 2 :].split(None, _PROCESSOR + 1)
     if len(fields) <= _PROCESSOR:
         raise ProcParseError(f"{len(fields) + 2} fields, want at least 39")
+    return fields
+
+
+def parse_stat(data: bytes) -> StatFields:
+    """Parse /proc/<pid>/task/<tid>/stat: CPU time in clock ticks and the last CPU."""
+    fields = _stat_fields(data)
     try:
         return StatFields(int(fields[_UTIME]), int(fields[_STIME]), int(fields[_PROCESSOR]))
     except ValueError as exc:
@@ -101,15 +121,9 @@ def parse_stat(data: bytes) -> StatFields:
 
 
 def processor_of_stat(data: bytes) -> int:
-    """Field 39 (the CPU the thread last ran on) of a stat line; splits no further than it."""
-    rp = data.rfind(b")")
-    if rp < 0:
-        raise ProcParseError("no ')' closing comm")
-    fields = data[rp + 2 :].split(None, _PROCESSOR + 1)
-    if len(fields) <= _PROCESSOR:
-        raise ProcParseError(f"{len(fields) + 2} fields, want at least 39")
+    """Field 39 (the CPU the thread last ran on) of a stat line."""
     try:
-        return int(fields[_PROCESSOR])
+        return int(_stat_fields(data)[_PROCESSOR])
     except ValueError as exc:
         raise ProcParseError(str(exc)) from None
 
@@ -178,11 +192,7 @@ class _Task:
             return os.pread(fd, 4096, 0)
         if fd == _ABSENT:
             return b""
-        fd = os.open(f"{self.base}/{name}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return os.read(fd, 4096)
-        finally:
-            os.close(fd)
+        return read_small(f"{self.base}/{name}")
 
     def close(self) -> None:
         for fd in self.fds:

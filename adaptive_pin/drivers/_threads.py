@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from adaptive_pin.errors import GuestGoneError, PinError
 from adaptive_pin.model import CpuSet, VCpu
+from collectors.procfs import ProcParseError, processor_of_stat, read_small
 
 PROC = "/proc"
 
@@ -28,16 +29,6 @@ class VCpuThreads:
 
     tids: dict[int, int]
     problem: str | None = None
-
-
-def read_small(path: str) -> bytes:
-    """A /proc file's bytes with one open/read/close: every tick reads these per thread, and a
-    text-mode ``open()`` costs about 4x the syscalls (measured: 9.7 vs 2.6 µs for a stat)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, 4096)
-    finally:
-        os.close(fd)
 
 
 def task_names(pid: int) -> dict[int, str]:
@@ -86,15 +77,8 @@ def is_task_of(pid: int, tid: int) -> bool:
 def last_cpu(pid: int, tid: int) -> int | None:
     """Field 39 (``processor``) of /proc/<pid>/task/<tid>/stat; None when the thread is gone."""
     try:
-        stat = read_small(f"{PROC}/{pid}/task/{tid}/stat")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # comm (field 2) may hold spaces and parentheses: fields resume after the last ')'; split
-    # no further than field 39.
-    fields = stat.rpartition(b")")[2].split(None, 39 - 3 + 1)
-    try:
-        return int(fields[39 - 3])
-    except (IndexError, ValueError):
+        return processor_of_stat(read_small(f"{PROC}/{pid}/task/{tid}/stat"))
+    except (FileNotFoundError, ProcessLookupError, ProcParseError):
         return None
 
 
