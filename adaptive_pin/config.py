@@ -487,6 +487,15 @@ SECTIONS: tuple[Section, ...] = (
             Option(
                 "min_gain", Number(), "Moves predicted to gain less than this are dropped (policy's unit)."
             ),
+            Option(
+                "memory_budget_per_tick",
+                Number(0, integer=True),
+                "At most this many VMs have their memory migrated per tick (each copies its resident "
+                "memory, at a few GB/s); 0 never migrates memory. A VM's memory is migrated only when all "
+                "its vCPUs run on the target nodes, not within cooldown_s of its last migration, never back "
+                "to nodes it left less than return_window_s ago, and never when the VM binds its own "
+                "memory (libvirt <numatune>, a memory policy set with numactl or QEMU host-nodes=).",
+            ),
         ),
         GuardSettings,
     ),

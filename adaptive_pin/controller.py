@@ -2,6 +2,7 @@
 
     driver.inventory() -> sampler (collectors -> rates) -> Snapshot
         -> policy.decide() -> Plan -> Guard -> driver.pin() -> MoveJournal (before/after)
+                                       -> driver.migrate_memory() (a VM now wholly on other nodes)
 
 A fault in one VM (gone between inventory and pin, a refused pin) is counted and logged for
 that VM and the tick goes on; a fault of a whole stage (driver down, policy crashed) ends that
@@ -23,6 +24,7 @@ from adaptive_pin.model import (
     CpuSet,
     Guest,
     Inventory,
+    MemoryMove,
     Move,
     MoveOutcome,
     Plan,
@@ -92,6 +94,7 @@ class Controller:
         plan = Plan(policy=self.policy.name)
         applied: list[Move] = []
         refused: list[tuple[Move, str]] = []
+        memory: tuple[list[MemoryMove], list[tuple[MemoryMove, str]]] = ([], [])
         outcomes: list[MoveOutcome] = []
         if "inventory" not in errors:
             # Verify first: this tick's readings close earlier moves' after-windows and open
@@ -110,6 +113,7 @@ class Controller:
             for move in verdict.accepted:
                 if self._apply(move, snapshot, errors, refused):
                     applied.append(move)
+            memory = self._migrate_memory(plan, snapshot, applied, refused, errors)
             self.guard.forget({(g.id, v.index) for g in snapshot.guests for v in g.vcpus})
         for move, why in refused:
             log.debug("held %s vcpu %d -> %s: %s", move.guest_name, move.vcpu, move.to_cpus, why)
@@ -123,6 +127,8 @@ class Controller:
             plan=plan,
             applied=tuple(applied),
             refused=tuple(refused),
+            memory_applied=tuple(memory[0]),
+            memory_refused=tuple(memory[1]),
             outcomes=tuple(outcomes),
             errors=dict(errors),
             inventory_errors=dict(self._last_inventory.errors),
@@ -252,6 +258,74 @@ class Controller:
         self.guard.record_move(move, snapshot.time)
         self.journal.record(move, snapshot.time)
         return True
+
+    def _migrate_memory(
+        self,
+        plan: Plan,
+        snapshot: Snapshot,
+        applied: Sequence[Move],
+        refused: Sequence[tuple[Move, str]],
+        errors: Counter[str],
+    ) -> tuple[list[MemoryMove], list[tuple[MemoryMove, str]]]:
+        """Carry out the plan's memory moves whose VM now runs wholly on the target nodes."""
+        from adaptive_pin.drivers.base import MemoryMigrator
+
+        done: list[MemoryMove] = []
+        held: list[tuple[MemoryMove, str]] = []
+        if not plan.memory_moves:
+            return done, held
+        now_at = {m.key: m.to_cpus for m in applied}
+        held_back = {m.guest_id for m, _ in refused}
+        verb = "would migrate" if self.settings.dry_run else "migrate"
+        for mm in plan.memory_moves:
+            why = self._memory_refusal(mm, snapshot, now_at, held_back)
+            if why is None and not isinstance(self.driver, MemoryMigrator):
+                why = f"driver {self.driver.name} cannot migrate memory"
+            if why is None:
+                why = self.guard.memory_refusal(mm, snapshot.time, len(done))
+            if why is not None:
+                held.append((mm, why))
+                log.debug("held %s memory -> node(s) %s: %s", mm.guest_name, mm.to_nodes, why)
+                continue
+            log.info(
+                "%s %s memory node(s) %s -> %s (gain %.3g): %s",
+                verb, mm.guest_name, mm.from_nodes, mm.to_nodes, mm.predicted_gain, mm.reason,
+            )  # fmt: skip
+            if not self.settings.dry_run:
+                assert isinstance(self.driver, MemoryMigrator)
+                try:
+                    self.driver.migrate_memory(snapshot.guest(mm.guest_id), mm.from_nodes, mm.to_nodes)
+                except (GuestGoneError, PinError, AdaptivePinError) as exc:
+                    errors["memory"] += 1
+                    held.append((mm, f"migration failed: {exc}"))
+                    log.warning("%s: memory migration failed: %s", mm.guest_name, exc)
+                    continue
+            self.guard.record_memory_move(mm, snapshot.time)
+            done.append(mm)
+        return done, held
+
+    def _memory_refusal(
+        self, mm: MemoryMove, snapshot: Snapshot, now_at: dict[VCpuKey, CpuSet], held_back: set[str]
+    ) -> str | None:
+        try:
+            g = snapshot.guest(mm.guest_id)
+        except KeyError:
+            return "no such guest in this snapshot"
+        if not g.pinnability.managed or g.orchestrator_pinned or g.problem:
+            return "not a VM this controller may move"
+        if g.memory_bound:
+            return "memory bound by the VM's own configuration"
+        if not mm.to_nodes or not mm.from_nodes:
+            return "empty node set"
+        nodes = snapshot.topology.numa_nodes
+        if not all(n in nodes for n in mm.to_nodes):
+            return f"no NUMA node {mm.to_nodes.to_list()} on this host"
+        if g.id in held_back:
+            return "some of its vCPU moves were held back this tick"
+        there = CpuSet(c for n in mm.to_nodes for c in nodes[n].cpus)
+        if not all(now_at.get((g.id, v.index), v.affinity) <= there for v in g.vcpus):
+            return f"its vCPUs do not all run on node(s) {mm.to_nodes.to_list()}"
+        return None
 
     @staticmethod
     def _rollback_move(move: Move, snapshot: Snapshot) -> Move | None:

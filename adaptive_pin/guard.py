@@ -12,13 +12,17 @@ controller from thrashing when a policy (or its input) is noisy:
   placements do not count: many VMs arriving at once are placed in one tick, not a few a tick);
 - a move whose predicted gain is below ``min_gain`` is dropped;
 - never onto CPUs that are not usable now (offline, reserved, isolated, disallowed, taken).
+
+A VM's memory migration (:class:`~adaptive_pin.model.MemoryMove`) has its own rules: not within
+``cooldown_s`` of its last one, never back to the nodes it left less than ``return_window_s``
+ago, at most ``memory_budget_per_tick`` VMs a tick (each copies its whole resident memory).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from adaptive_pin.model import CpuSet, Move, Plan, Snapshot, VCpuKey
+from adaptive_pin.model import CpuSet, MemoryMove, Move, Plan, Snapshot, VCpuKey
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,15 @@ class GuardSettings:
     return_window_s: float = 300.0
     budget_per_tick: int = 16
     min_gain: float = 0.0
+    memory_budget_per_tick: int = 2
 
     def validate(self) -> None:
         if self.hold_ticks < 1:
             raise ValueError("hold_ticks must be >= 1")
         if self.budget_per_tick < 1:
             raise ValueError("budget_per_tick must be >= 1")
+        if self.memory_budget_per_tick < 0:
+            raise ValueError("memory_budget_per_tick must be >= 0")
         if self.cooldown_s < 0 or self.return_window_s < 0:
             raise ValueError("cooldown_s and return_window_s must be >= 0")
 
@@ -59,6 +66,7 @@ class Guard:
         settings.validate()
         self.settings = settings
         self._history: dict[VCpuKey, _History] = {}
+        self._memory: dict[str, _History] = {}  # guest id -> its memory migrations (nodes as CpuSet)
 
     # --- persistence (the daemon's state file) --------------------------------------
     def export_state(self) -> dict[str, dict[str, object]]:
@@ -171,3 +179,30 @@ class Guard:
         """Drop the history of vCPUs whose VM is gone (bounded memory under churn)."""
         for key in [k for k in self._history if k not in live]:
             del self._history[key]
+        guests = {gid for gid, _ in live}
+        for gid in [g for g in self._memory if g not in guests]:
+            del self._memory[gid]
+
+    # --- memory migrations ----------------------------------------------------------
+    def memory_refusal(self, move: MemoryMove, now: float, used: int) -> str | None:
+        """Why ``move`` may not happen now (``used``: memory migrations already made this tick)."""
+        s = self.settings
+        if move.predicted_gain < s.min_gain:
+            return f"predicted gain {move.predicted_gain:.3g} below minimum {s.min_gain:.3g}"
+        h = self._memory.get(move.guest_id)
+        if h is not None and h.last_moved is not None and now - h.last_moved < s.cooldown_s:
+            return f"memory migrated {now - h.last_moved:.0f}s ago (cooldown {s.cooldown_s:.0f}s)"
+        left_at = h.left.get(move.to_nodes) if h is not None else None
+        if left_at is not None and now - left_at < s.return_window_s:
+            back = move.to_nodes.to_list()
+            return f"memory would go back to node(s) {back} it left {now - left_at:.0f}s ago"
+        if used >= s.memory_budget_per_tick:
+            return f"memory migration budget of {s.memory_budget_per_tick} VMs per tick used up"
+        return None
+
+    def record_memory_move(self, move: MemoryMove, now: float) -> None:
+        h = self._memory.setdefault(move.guest_id, _History())
+        h.last_moved = now
+        h.left[move.from_nodes] = now
+        horizon = now - self.settings.return_window_s
+        h.left = {nodes: t for nodes, t in h.left.items() if t >= horizon}

@@ -96,6 +96,7 @@ ERROR_KINDS: Final = (
     "topology",
     "guest_gone",
     "pin",
+    "memory",
     "thread_gone",
     "counters_vanished",
     "cpu_offline",
@@ -184,6 +185,12 @@ class MetricsExporter:
             ["host", "policy", "kind"],
             registry=reg,
         )
+        self._memory = Counter(
+            PREFIX + "memory_migrations",
+            "VMs whose memory was migrated to the NUMA node(s) their vCPUs were moved to (migrate_pages).",
+            ["host", "policy"],
+            registry=reg,
+        )
         self._verdicts = Counter(
             PREFIX + "move_verdicts",
             "Verified moves, by verdict: kept, rolled_back, unmeasured.",
@@ -253,6 +260,7 @@ class MetricsExporter:
         for verdict in VERDICTS:
             self._verdicts.labels(host, policy, verdict)
         self._rollbacks.labels(host, policy)
+        self._memory.labels(host, policy)
         self._mpki_before.labels(host, policy)
         self._mpki_after.labels(host, policy)
 
@@ -273,6 +281,8 @@ class MetricsExporter:
         if not report.dry_run:
             for move in report.applied:
                 self._migrations.labels(host, report.policy, move.kind).inc()
+            if report.memory_applied:
+                self._memory.labels(host, report.policy).inc(len(report.memory_applied))
         for move, _why in report.refused:
             self._refused.labels(host, report.policy, move.kind).inc()
         for kind, count in report.errors.items():

@@ -321,6 +321,9 @@ class Guest:
     pinnability: Pinnability
     driver: str
     memory_nodes: CpuSet | None = None  # NUMA nodes holding its memory, where known
+    # memory bound by the VM's own configuration (libvirt <numatune>, QEMU host-nodes=, a
+    # scenario's memory_nodes): an operator's choice, never migrated
+    memory_bound: bool = False
     orchestrator_pinned: bool = False  # carries <cputune><vcpupin> or equivalent
     problem: str | None = None  # e.g. "vCPU threads cannot be told apart: ..."; never guessed
     workload_hint: str | None = None  # simulator only: the workload name it runs
@@ -472,9 +475,23 @@ class Move:
 
 
 @dataclass(frozen=True)
+class MemoryMove:
+    """Migrate a VM's memory to the nodes its vCPUs now run on (as numad does after it binds)."""
+
+    guest_id: str
+    guest_name: str
+    from_nodes: CpuSet
+    to_nodes: CpuSet
+    reason: str
+    predicted_gain: float  # same unit as Move.predicted_gain
+
+
+@dataclass(frozen=True)
 class Plan:
     policy: str
     moves: tuple[Move, ...] = ()
+    # carried out after the vCPU moves, only for a VM all of whose vCPUs then run in to_nodes
+    memory_moves: tuple[MemoryMove, ...] = ()
     notes: tuple[str, ...] = ()  # e.g. "no PMU: deciding on CPU time and cohesion only"
 
 
@@ -521,6 +538,8 @@ class TickReport:
     plan: Plan
     applied: tuple[Move, ...] = ()
     refused: tuple[tuple[Move, str], ...] = ()  # held back by the guard or failed to pin, and why
+    memory_applied: tuple[MemoryMove, ...] = ()
+    memory_refused: tuple[tuple[MemoryMove, str], ...] = ()
     outcomes: tuple[MoveOutcome, ...] = ()  # verdicts reached during this tick
     errors: Mapping[str, int] = field(default_factory=dict)  # error kind -> count in this tick
     inventory_errors: Mapping[str, str] = field(default_factory=dict)  # guest -> error

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol, get_args, runtime_checkable
 
-from adaptive_pin.model import CpuSet, Guest, Move, Plan, Snapshot, Topology, VCpu, VCpuRates
+from adaptive_pin.model import CpuSet, Guest, MemoryMove, Move, Plan, Snapshot, Topology, VCpu, VCpuRates
 
 JsonValue = dict[str, "JsonValue"] | list["JsonValue"] | str | int | float | bool | None
 
@@ -180,6 +180,18 @@ def moves_from_targets(targets: list[Target]) -> tuple[Move, ...]:
     ]
     moves.sort(key=lambda m: (m.guest_id, m.vcpu))
     return tuple(moves)
+
+
+def memory_move(guest: Guest, nodes: CpuSet, reason: str, gain: float) -> MemoryMove | None:
+    """A move of ``guest``'s memory to ``nodes``, or None when there is nothing to do or allowed.
+
+    Nothing to do: memory already within ``nodes``, or where it is unknown. Not allowed: a VM
+    the controller may not move, or whose memory its own configuration binds.
+    """
+    where = guest.memory_nodes
+    if not nodes or not where or where <= nodes or guest.memory_bound or not is_movable(guest):
+        return None
+    return MemoryMove(guest.id, guest.name, where, nodes, reason, gain)
 
 
 def utilization(r: VCpuRates | None) -> float | None:

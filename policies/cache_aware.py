@@ -69,6 +69,7 @@ from adaptive_pin.model import (
     LLC_REFERENCES,
     CpuSet,
     Guest,
+    MemoryMove,
     Plan,
     Snapshot,
     VCpu,
@@ -80,6 +81,7 @@ from policies.base import (
     check_granularity,
     is_movable,
     last_cpu,
+    memory_move,
     moves_from_targets,
     usable_cpus,
     utilization,
@@ -165,6 +167,8 @@ class CacheAwarePolicy:
         max_moves: int = 16,
         candidates: int = 256,
         assumed_misses_per_s: float = 1e7,
+        migrate_memory: bool = True,
+        migrated_remote_weight: float = 0.1,
     ) -> None:
         self.granularity = check_granularity(granularity)
         for label, value in (
@@ -178,6 +182,8 @@ class CacheAwarePolicy:
             raise ValueError("sharing must be in [0, 1]")
         if not 0 <= exit <= enter:
             raise ValueError("need 0 <= exit <= enter")
+        if not 0 <= migrated_remote_weight <= 1:
+            raise ValueError("migrated_remote_weight must be in [0, 1]")
         if min_gain < 0 or max_moves < 0 or candidates < 1:
             raise ValueError("min_gain and max_moves must be >= 0, candidates >= 1")
         self.t = miss_cost_ns * 1e-9
@@ -190,6 +196,8 @@ class CacheAwarePolicy:
         self.max_moves = max_moves
         self.candidates = candidates
         self.assumed = assumed_misses_per_s
+        self.migrate_memory = migrate_memory
+        self.migrated_remote_weight = migrated_remote_weight
 
     def initial_state(self) -> object:
         return {"version": STATE_VERSION, "granularity": self.granularity, "active": []}
@@ -213,7 +221,13 @@ class CacheAwarePolicy:
                     prev_counts[key] = [float(val[0]), float(val[1])]
         world = _World(snapshot, self, prev_counts)
         notes = world.run(prev_active)
-        plan = Plan(policy=self.name, moves=moves_from_targets(world.targets()), notes=tuple(notes))
+        targets = world.targets()
+        plan = Plan(
+            policy=self.name,
+            moves=moves_from_targets(targets),
+            memory_moves=tuple(world.memory_moves(targets)),
+            notes=tuple(notes),
+        )
         new_state: dict[str, object] = {
             "version": STATE_VERSION,
             "granularity": self.granularity,
@@ -264,7 +278,11 @@ class _World:
         self.pmu = snapshot.has_pmu
         self.guests = sorted(snapshot.guests, key=lambda g: g.id)
         self.G = len(self.guests)
-        self.rho = self._remote_costs()
+        # a VM whose memory may follow it pays remote misses only until the copy is done
+        self.rho_full = self._remote_costs()
+        self.follows = np.array([self._memory_follows(g) for g in self.guests], dtype=bool)
+        w = policy.migrated_remote_weight
+        self.rho = np.where(self.follows[:, None], self.rho_full * w, self.rho_full)
         self.bad: defaultdict[VCpuKey, list[CpuSet]] = defaultdict(list)
         for key, cpus in snapshot.bad_placements:
             self.bad[key].append(cpus)
@@ -325,6 +343,42 @@ class _World:
                 row_of[key] = row
             rho[gi] = row
         return rho
+
+    def _memory_follows(self, g: Guest) -> bool:
+        return self.p.migrate_memory and is_movable(g) and not g.memory_bound and bool(g.memory_nodes)
+
+    def memory_moves(self, targets: Sequence[Target]) -> list[MemoryMove]:
+        """Memory to the node of every VM whose vCPUs all end up in one node it is not on."""
+        if not self.follows.any():
+            return []
+        to = {(t.guest.id, t.vcpu.index): t.cpus for t in targets}
+        nodes_of: dict[CpuSet, frozenset[int]] = {}  # affinities repeat: one scan per distinct set
+        out: list[MemoryMove] = []
+        for gi in np.flatnonzero(self.follows):
+            g = self.guests[gi]
+            nodes: set[int] = set()
+            for v in g.vcpus:
+                cpus = to.get((g.id, v.index), v.affinity)
+                found = nodes_of.get(cpus)
+                if found is None:
+                    pos = [self.pos_of[c] for c in cpus if c in self.pos_of]
+                    found = nodes_of[cpus] = frozenset(int(n) for n in self.topo.pu_node[pos])
+                nodes |= found
+                if len(nodes) > 1:
+                    break
+            if len(nodes) != 1 or min(nodes) < 0:
+                continue
+            node = min(nodes)
+            dom = int(np.flatnonzero(self.dom_node == node)[0])
+            gain = self.p.t * sum(r.m for r in self.rows_of[gi]) * float(self.rho_full[gi, dom])
+            why = (
+                f"memory of {g.name} to node {node}, where all its vCPUs run: "
+                f"est. {gain:.3g} vCPU-equivalents of remote misses regained"
+            )
+            mm = memory_move(g, CpuSet.of(node), why, gain)
+            if mm is not None:
+                out.append(mm)
+        return out
 
     # ------------------------------------------------------------------ vCPUs
     def _affinity_domain(self, aff: CpuSet) -> tuple[int, FloatArray | None]:

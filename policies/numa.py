@@ -16,7 +16,10 @@ Follows numad (Bill Gray, Red Hat; numad.c version 20150602, and numad(8)) with 
   is not reproduced.
 
 Every vCPU of the VM gets the CPUs of the chosen nodes (node granularity): the scheduler
-balances inside. ``predicted_gain`` is 1.0 for every move: numad does not estimate one.
+balances inside. Its memory then follows to those nodes (numad's
+``bind_process_and_migrate_memory``: migrate_pages(2) after sched_setaffinity), unless the VM
+binds its memory itself; ``migrate_memory=False`` turns that off. ``predicted_gain`` is 1.0 for
+every move: numad does not estimate one.
 
 State (JSON)::
 
@@ -27,10 +30,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from adaptive_pin.model import CpuSet, Guest, Plan, Snapshot, VCpu
+from adaptive_pin.model import CpuSet, Guest, MemoryMove, Plan, Snapshot, VCpu
 from policies.base import (
     Target,
     last_cpu,
+    memory_move,
     movable_vcpus,
     moves_from_targets,
     rates_of,
@@ -53,6 +57,7 @@ class NumaPolicy:
         cpu_threshold: float = 0.5,
         target_utilization: float = 0.85,
         reevaluate_s: float = 300.0,
+        migrate_memory: bool = True,
     ) -> None:
         if not 0 < target_utilization <= 1:
             raise ValueError("target_utilization must be in (0, 1]")
@@ -61,6 +66,7 @@ class NumaPolicy:
         self.cpu_threshold = cpu_threshold
         self.target_utilization = target_utilization
         self.reevaluate_s = reevaluate_s
+        self.migrate_memory = migrate_memory
 
     def initial_state(self) -> object:
         return {"version": STATE_VERSION, "guests": {}}
@@ -96,6 +102,7 @@ class NumaPolicy:
 
         new_guests: dict[str, dict[str, object]] = {}
         targets: list[Target] = []
+        memory: list[MemoryMove] = []
         notes: list[str] = ["numa: VM memory size unknown, every VM taken to exceed numad's 300 MB"]
         for gid in sorted(by_guest):
             guest, vcpus = by_guest[gid]
@@ -128,8 +135,13 @@ class NumaPolicy:
                     f" with the most free CPU"
                 )
                 targets.extend(Target(guest, v, cpus, why, 1.0, "initial") for v in vcpus)
+                follow = f"numa: memory follows its vCPUs to node(s) {','.join(map(str, nodes))}"
+                mm = memory_move(guest, CpuSet(nodes), follow, 1.0)
+                if mm is not None and self.migrate_memory:
+                    memory.append(mm)
             new_guests[gid] = entry
-        plan = Plan(policy=self.name, moves=moves_from_targets(targets), notes=tuple(notes))
+        moves = moves_from_targets(targets)
+        plan = Plan(policy=self.name, moves=moves, memory_moves=tuple(memory), notes=tuple(notes))
         return plan, {"version": STATE_VERSION, "guests": new_guests}
 
     @staticmethod

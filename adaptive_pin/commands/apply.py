@@ -7,7 +7,7 @@ import json
 import time
 
 from adaptive_pin.commands._controller_args import CONTROLLER_EPILOG, add_controller_arguments
-from adaptive_pin.commands.plan import move_json, one_decision
+from adaptive_pin.commands.plan import memory_move_json, move_json, one_decision
 from adaptive_pin.config import DEFAULT_PATH
 from adaptive_pin.model import TickReport, VCpuKey
 
@@ -74,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
                     "policy": report.policy,
                     "applied": rows,
                     "failed": failed,
+                    "memory_migrated": [memory_move_json(m) for m in report.memory_applied],
+                    "memory_failed": [
+                        {**memory_move_json(m), "why": why}
+                        for m, why in report.memory_refused
+                        if why.startswith("migration failed")
+                    ],
                     "notes": list(report.plan.notes),
                     "errors": dict(report.errors),
                 },
@@ -95,4 +101,9 @@ def run(args: argparse.Namespace) -> int:
         )
     for f in failed:
         print(f"  {f['vm']} vcpu {f['vcpu']}: not moved: {f['why']}")
+    for mm in report.memory_applied:
+        print(f"  {mm.guest_name} memory: node(s) {mm.from_nodes} -> {mm.to_nodes} ({mm.reason})")
+    for mm, why in report.memory_refused:
+        if why.startswith("migration failed"):
+            print(f"  {mm.guest_name} memory: not migrated: {why}")
     return 1 if failed and not rows else 0

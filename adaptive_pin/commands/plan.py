@@ -13,7 +13,7 @@ from adaptive_pin.commands._controller_args import (
     effective_config,
 )
 from adaptive_pin.config import DEFAULT_PATH
-from adaptive_pin.model import Move, TickReport
+from adaptive_pin.model import MemoryMove, Move, TickReport
 from policies.registry import available_policies
 
 ORDER = 30
@@ -21,7 +21,9 @@ ORDER = 30
 EPILOG = (
     """\
 Samples every vCPU for one interval, asks the policy, and prints each move it would make with
-its reason and predicted gain, and what the guard would hold back. Nothing is pinned.
+its reason and predicted gain, and what the guard would hold back; then the VMs whose memory
+would follow their vCPUs to another NUMA node (migrate_pages, as numad does). Nothing is pinned
+and no memory moves.
 
 Examples:
   adaptive-pin plan                                   this host, default policy
@@ -60,6 +62,17 @@ def move_json(m: Move) -> dict[str, object]:
     }
 
 
+def memory_move_json(m: MemoryMove) -> dict[str, object]:
+    return {
+        "vm": m.guest_name,
+        "uuid": m.guest_id,
+        "from_nodes": m.from_nodes.to_list(),
+        "to_nodes": m.to_nodes.to_list(),
+        "reason": m.reason,
+        "predicted_gain": m.predicted_gain,
+    }
+
+
 def one_decision(args: argparse.Namespace, *, dry_run: bool) -> tuple[TickReport, Assembly]:
     """Warm the rates up over one interval, then one tick. Returns the report and the assembly."""
     config, _ = effective_config(args, **{"controller.dry_run": dry_run or None})
@@ -91,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     report, asm = one_decision(args, dry_run=True)
     asm.controller.close()
     held = {(m.key, m.to_cpus): why for m, why in report.refused}
+    memory_held = {m.guest_id: why for m, why in report.memory_refused}
     if args.json:
         doc = {
             "policy": report.policy,
@@ -99,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
             "moves": [
                 {**move_json(m), "guard": held.get((m.key, m.to_cpus), "would apply")}
                 for m in report.plan.moves
+            ],
+            "memory_moves": [
+                {**memory_move_json(m), "guard": memory_held.get(m.guest_id, "would apply")}
+                for m in report.plan.memory_moves
             ],
             "errors": dict(report.errors),
             "inventory_errors": dict(report.inventory_errors),
@@ -113,6 +131,11 @@ def run(args: argparse.Namespace) -> int:
         status = "would apply" if verdict is None else f"held: {verdict}"
         print(f"  {m.guest_name} vcpu {m.vcpu}: {m.from_cpus or '-'} -> {m.to_cpus} [{status}]")
         print(f"      {m.reason} (predicted gain {m.predicted_gain:.3g})")
+    for mm in report.plan.memory_moves:
+        verdict = memory_held.get(mm.guest_id)
+        status = "would apply" if verdict is None else f"held: {verdict}"
+        print(f"  {mm.guest_name} memory: node(s) {mm.from_nodes} -> {mm.to_nodes} [{status}]")
+        print(f"      {mm.reason} (predicted gain {mm.predicted_gain:.3g})")
     for guest, err in report.inventory_errors.items():
         print(f"  {guest}: {err}")
     return 0

@@ -22,7 +22,8 @@ miss curves) through the real controller and a policy, on a simulated clock, and
   MPKI               LLC misses per 1000 instructions (never per second: a faster
                      placement misses more per second)
   per-VM slowdown    instructions it would retire alone / instructions it retired here
-  migrations         the controller's (pins that moved a thread) and the scheduler's
+  migrations         the controller's (pins that moved a thread), the scheduler's, and
+                     memory: VMs whose memory the controller migrated to another node
 Policy "none" runs no controller: the Linux scheduler alone (load-balanced, blind to cache
 pressure), the baseline every policy is compared with. Runs are reproducible (seeded).
 The model and its constants: docs/simulator.md. Scenario schema: scenarios/README.md.
@@ -133,7 +134,8 @@ def format_text(r: SimResult) -> str:
         f"weighted speedup   {r.weighted_speedup:.3f}  (mean speed vs. alone {r.mean_speed:.3f})",
         f"throughput         {r.throughput_ips / 1e9:.3f} G instructions/s",
         f"MPKI               {mpki}",
-        f"migrations         controller {r.migrations['controller']}, scheduler {r.migrations['scheduler']}"
+        f"migrations         controller {r.migrations['controller']}, scheduler {r.migrations['scheduler']},"
+        f" memory {r.migrations['memory']}"
         f"  (moves applied {r.moves_applied}, held back {r.moves_refused})",
     ]
     if r.controller_errors:

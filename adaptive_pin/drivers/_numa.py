@@ -54,6 +54,25 @@ def numa_maps_bytes(text: str) -> dict[int, int]:
     return out
 
 
+def numa_maps_bound(text: str) -> bool:
+    """True when most resident bytes sit in mappings with a memory policy of their own.
+
+    The second field of each line is the mapping's policy: ``default`` (or ``local``) follows
+    first touch; ``bind:``, ``interleave:``, ``prefer:`` (numactl, QEMU's ``host-nodes=``) are a
+    choice somebody made, which this tool does not undo by migrating the pages.
+    """
+    bound = total = 0
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 2:
+            continue
+        size = sum(numa_maps_bytes(line).values())
+        total += size
+        if fields[1] not in ("default", "local"):
+            bound += size
+    return total > 0 and 2 * bound > total
+
+
 def numa_maps_nodes(text: str, min_share: float = MIN_SHARE) -> CpuSet | None:
     """Nodes holding at least ``min_share`` of the resident bytes; None when nothing is resident."""
     per_node = numa_maps_bytes(text)
@@ -89,6 +108,7 @@ class _Cached:
     start: float | None  # the process's start time: a reused pid is another process
     nodes: CpuSet | None
     read_at: float
+    bound: bool = False
 
 
 class NumaMapsCache:
@@ -109,20 +129,33 @@ class NumaMapsCache:
             return None
 
     def nodes(self, pid: int) -> CpuSet | None:
+        return self._read(pid).nodes
+
+    def bound(self, pid: int) -> bool:
+        """Whether the process's memory carries a policy of its own (see numa_maps_bound)."""
+        return self._read(pid).bound
+
+    def _read(self, pid: int) -> _Cached:
         now = self._clock()
         start = self._start_time(pid)
         with self._lock:
             hit = self._cache.get(pid)
             if hit is not None and hit.start == start and now - hit.read_at < self.refresh_s:
-                return hit.nodes
+                return hit
         try:
             with open(f"{PROC}/{pid}/numa_maps") as f:
-                nodes = numa_maps_nodes(f.read())
+                text = f.read()
+            entry = _Cached(start, numa_maps_nodes(text), now, numa_maps_bound(text))
         except OSError:  # gone, no permission, or a kernel without CONFIG_NUMA: unknown
-            nodes = None
+            entry = _Cached(start, None, now)
         with self._lock:
-            self._cache[pid] = _Cached(start, nodes, now)
-        return nodes
+            self._cache[pid] = entry
+        return entry
+
+    def forget(self, pid: int) -> None:
+        """Read the process afresh next time (its pages were just migrated)."""
+        with self._lock:
+            self._cache.pop(pid, None)
 
     def forget_except(self, pids: Iterable[int]) -> None:
         """Drop processes no longer running (called after each inventory)."""

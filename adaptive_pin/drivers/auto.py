@@ -76,6 +76,9 @@ class CompositeDriver:
     def pin(self, guest: Guest, vcpu: int, cpus: CpuSet) -> None:
         self._route(guest).pin(guest, vcpu, cpus)
 
+    def migrate_memory(self, guest: Guest, from_nodes: CpuSet, to_nodes: CpuSet) -> None:
+        self._route(guest).migrate_memory(guest, from_nodes, to_nodes)
+
     def events(self, timeout: float) -> list[GuestEvent]:
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:

@@ -31,6 +31,17 @@ class Driver(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class MemoryMigrator(Protocol):
+    """A driver that can also move a guest's memory between NUMA nodes (optional).
+
+    ``migrate_memory`` moves the resident pages on ``from_nodes`` to ``to_nodes`` and returns
+    once the kernel has; it raises GuestGoneError / PinError like ``pin``.
+    """
+
+    def migrate_memory(self, guest: Guest, from_nodes: CpuSet, to_nodes: CpuSet) -> None: ...
+
+
 # name -> "module:factory"; factories take keyword options (see each driver's docstring).
 DRIVERS: Mapping[str, str] = {
     "libvirt": "adaptive_pin.drivers.libvirt:LibvirtDriver",

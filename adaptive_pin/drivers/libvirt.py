@@ -34,14 +34,14 @@ import socket
 import threading
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import psutil
 
-from adaptive_pin.drivers import _numa, _threads
+from adaptive_pin.drivers import _migrate, _numa, _threads
 from adaptive_pin.drivers.qemu import is_qemu, parse_cmdline
 from adaptive_pin.errors import DriverError, GuestGoneError, PinError
 from adaptive_pin.model import CpuSet, EventKind, Guest, GuestEvent, Inventory, Pinnability, VCpu
@@ -473,11 +473,40 @@ class LibvirtDriver:
             pinnability=described.pinnability,
             driver=self.name,
             memory_nodes=memory_nodes,
+            memory_bound=described.memory_nodes is not None
+            or (pid is not None and self._numa_maps.bound(pid)),
             orchestrator_pinned=described.orchestrator_pinned,
             problem=problem,
         )
 
     # --- pinning -------------------------------------------------------------------------
+    def migrate_memory(self, guest: Guest, from_nodes: CpuSet, to_nodes: CpuSet) -> None:
+        """migrate_pages(2) on the domain's QEMU: libvirt has no call for an unbound domain.
+
+        A domain with ``<numatune>`` is bound (Guest.memory_bound) and refused: its nodeset is
+        the operator's, and libvirt's cgroup ``cpuset.mems`` would refuse other nodes anyway.
+        """
+        lv = self._lv
+        conn = self._connection()
+        try:
+            dom = conn.lookupByUUIDString(guest.id)
+            if not dom.isActive():
+                raise GuestGoneError(f"{guest.name}: domain is not running")
+            described = self._describe(dom)  # the VM may have opted out or been bound since
+        except lv.libvirtError as exc:
+            if exc.get_error_code() in (lv.VIR_ERR_NO_DOMAIN, lv.VIR_ERR_OPERATION_INVALID):
+                raise GuestGoneError(f"{guest.name}: {exc.get_error_message()}") from None
+            self._check_alive(conn)
+            raise PinError(f"{guest.name}: libvirt: {exc.get_error_message()}") from None
+        except UnsafeXmlError as exc:
+            raise PinError(f"{guest.name}: {exc}") from None
+        fresh = replace(
+            guest,
+            pinnability=described.pinnability,
+            memory_bound=guest.memory_bound or described.memory_nodes is not None,
+        )
+        _migrate.migrate_guest_memory(fresh, from_nodes, to_nodes, self._numa_maps)
+
     def pin(self, guest: Guest, vcpu: int, cpus: CpuSet) -> None:
         lv = self._lv
         what = f"{guest.name} vCPU {vcpu}"

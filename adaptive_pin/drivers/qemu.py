@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from adaptive_pin.drivers import _numa, _threads
+from adaptive_pin.drivers import _migrate, _numa, _threads
 from adaptive_pin.drivers.qmp import QmpError, vcpu_thread_ids
 from adaptive_pin.errors import GuestGoneError, PinError
 from adaptive_pin.model import CpuSet, EventKind, Guest, GuestEvent, Inventory, Pinnability, VCpu
@@ -295,6 +295,7 @@ class QemuDriver:
             pinnability=self._pinnability(pid, argv),
             driver=self.name,
             memory_nodes=self._numa_maps.nodes(pid),
+            memory_bound=self._numa_maps.bound(pid),
             problem=problem,
         )
 
@@ -310,6 +311,13 @@ class QemuDriver:
         )
 
     # --- pinning -------------------------------------------------------------------------
+    def migrate_memory(self, guest: Guest, from_nodes: CpuSet, to_nodes: CpuSet) -> None:
+        with self._lock:
+            proc = self._guest_procs.get(guest.id)
+        if proc is None or proc.pid != guest.pid or not _alive(proc):
+            raise GuestGoneError(f"{guest.name}: QEMU process {guest.pid} exited")
+        _migrate.migrate_guest_memory(guest, from_nodes, to_nodes, self._numa_maps)
+
     def pin(self, guest: Guest, vcpu: int, cpus: CpuSet) -> None:
         what = f"{guest.name} vCPU {vcpu}"
         if not guest.pinnability.managed:

@@ -42,6 +42,10 @@ class SimDriver:
         self.host.sync()
         self.host.pin(guest.id, vcpu, cpus)
 
+    def migrate_memory(self, guest: Guest, from_nodes: CpuSet, to_nodes: CpuSet) -> None:
+        self.host.sync()
+        self.host.migrate_memory(guest.id, to_nodes)
+
     def events(self, timeout: float) -> list[GuestEvent]:
         self.host.sync()
         found = self.host.pop_events()

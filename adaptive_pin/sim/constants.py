@@ -24,3 +24,14 @@ DEFAULT_GHZ = 2.5
 
 # LLC size when sysfs gives none: per core, Skylake-SP's 1.375 MiB of L3 per core.
 DEFAULT_LLC_BYTES_PER_CORE = int(1.375 * (1 << 20))
+
+# migrate_pages(2) copies a process's pages at a few GB/s with 4 KiB pages (unmap, copy, remap
+# per page; Yan et al., "Nimble Page Management for Tiered Memory Systems", ASPLOS 2019).
+MIGRATE_BYTES_PER_S = 1.5e9
+
+# Share of a VM's speed lost while its memory is being migrated: a guest access to a page in
+# flight waits for the copy, and every remap shoots down the vCPUs' TLBs. An assumption.
+MIGRATION_STALL = 0.5
+
+# Guest RAM when a scenario gives none.
+DEFAULT_MEMORY_MIB = 4096

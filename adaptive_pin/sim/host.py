@@ -44,6 +44,7 @@ from adaptive_pin.sim.workloads import Workload
 
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
 
 _GHZ = re.compile(r"@\s*([\d.]+)\s*GHz", re.IGNORECASE)
 _MHZ = re.compile(r"^cpu MHz\s*:\s*([\d.]+)", re.MULTILINE)
@@ -140,7 +141,9 @@ class SimVM:
     pid: int
     started_at: float
     threads: list[SimThread] = field(default_factory=list)
-    home_nodes: CpuSet | None = None
+    home_nodes: CpuSet | None = None  # where its memory is (the source, while migrating)
+    migrating_to: CpuSet | None = None
+    migrate_left: float = 0.0  # bytes still to copy
     stopped_at: float | None = None
     instructions: float = 0.0
     alone_instructions: float = 0.0
@@ -193,6 +196,7 @@ class SimHost:
         self.events: list[GuestEvent] = []
         self.scheduler_migrations = 0
         self.controller_migrations = 0
+        self.memory_migrations = 0  # migrate_memory calls that started a copy
         self._pending_ctl = 0
         self.clock: Callable[[], float] | None = None  # real-time drivers set this; see sync()
         self._knot_cache: dict[tuple[int, int], tuple[FloatArray, FloatArray]] = {}
@@ -368,7 +372,10 @@ class SimHost:
             vcpus=vcpus,
             pinnability=pin,
             driver="sim",
-            memory_nodes=vm.home_nodes,
+            memory_nodes=vm.home_nodes
+            if vm.migrating_to is None or vm.home_nodes is None
+            else vm.home_nodes | vm.migrating_to,
+            memory_bound=spec.memory_nodes is not None,
             orchestrator_pinned=spec.pinned_cpus is not None,
             workload_hint=vm.workload,
         )
@@ -384,6 +391,28 @@ class SimHost:
         return self._agenda[-1][0] if self._agenda else None
 
     # --- actuation -------------------------------------------------------------------
+    def migrate_memory(self, guest_id: str, to_nodes: CpuSet) -> None:
+        """Start copying a VM's memory to ``to_nodes`` at MIGRATE_BYTES_PER_S (see _run)."""
+        vm = self.find_vm(guest_id)
+        if vm is None:
+            raise GuestGoneError(f"guest {guest_id} is gone")
+        if vm.spec.memory_nodes is not None:
+            raise PinError(f"refusing to migrate {vm.name}'s memory: bound by its own configuration")
+        if not to_nodes or not to_nodes <= CpuSet(self.node_index):
+            where = to_nodes.to_list() or "nothing"
+            raise PinError(f"{vm.name}: migrate memory to {where}: Invalid argument")
+        if vm.home_nodes is None or vm.home_nodes == to_nodes:
+            return
+        if vm.migrating_to is not None and self._migrated_share(vm) >= 0.5:
+            vm.home_nodes = vm.migrating_to  # a new call while one runs: most pages are there
+        vm.migrating_to = to_nodes
+        vm.migrate_left = vm.spec.memory_mib * float(1 << 20)
+        self.memory_migrations += 1
+
+    def _migrated_share(self, vm: SimVM) -> float:
+        total = vm.spec.memory_mib * float(1 << 20)
+        return 1.0 - vm.migrate_left / total if total > 0 else 1.0
+
     def pin(self, guest_id: str, vcpu: int, cpus: CpuSet) -> None:
         vm = self.find_vm(guest_id)
         if vm is None:
@@ -499,6 +528,7 @@ class SimHost:
         mem_factor = np.ones(n)
         cross_frac = np.zeros(n)
         cross_factor = np.ones(n)
+        stall = np.zeros(n)  # share of the tick lost to a memory migration in progress
         group = np.zeros(n, dtype=np.int64)
         start = 0
         for g, vm in enumerate(self.vms.values()):
@@ -506,10 +536,21 @@ class SimHost:
             sl = slice(start, start + m)
             group[sl] = g
             if vm.home_nodes:
-                home = [self.node_index[x] for x in vm.home_nodes if x in self.node_index] or [
-                    len(self.node_index)
-                ]
-                mem_factor[sl] = self.dist[np.ix_(nidx[sl], np.asarray(home, dtype=np.int64))].mean(axis=1)
+                mem_factor[sl] = self._mem_distance(nidx[sl], vm.home_nodes)
+                if vm.migrating_to is not None:
+                    # pages still to copy are on the old nodes; the copy stalls the guest
+                    moved = min(
+                        1.0,
+                        self._migrated_share(vm)
+                        + 0.5
+                        * constants.MIGRATE_BYTES_PER_S
+                        * dt
+                        / max(vm.spec.memory_mib * float(1 << 20), 1.0),
+                    )
+                    new = self._mem_distance(nidx[sl], vm.migrating_to)
+                    mem_factor[sl] = (1.0 - moved) * mem_factor[sl] + moved * new
+                    copy_s = min(dt, vm.migrate_left / constants.MIGRATE_BYTES_PER_S)
+                    stall[sl] = constants.MIGRATION_STALL * copy_s / dt
             if m > 1:
                 w = got[sl]
                 other = np.outer(np.ones(m), w) * (1.0 - np.eye(m))
@@ -544,7 +585,7 @@ class SimHost:
         )
         previous = np.array([th.occupancy if not th.cold else np.nan for th in threads])
         sol = solve(load, self.capacity, self.freq_hz, initial=previous)
-        cycles = got * dt * self.freq_hz
+        cycles = got * dt * self.freq_hz * (1.0 - stall)
         cold = np.array([th.cold for th in threads]) & on
         cold_misses = np.where(cold, sol.effective / constants.LINE_BYTES, 0.0)
         lost = cold_misses * load.mem_latency / load.mlp
@@ -566,7 +607,18 @@ class SimHost:
             th.vm.instructions += instr[i]
             th.vm.alone_instructions += alone[i]
             th.vm.llc_misses += misses[i]
+        for vm in self.vms.values():
+            if vm.migrating_to is not None:
+                vm.migrate_left -= constants.MIGRATE_BYTES_PER_S * dt
+                if vm.migrate_left <= 0.0:
+                    vm.home_nodes, vm.migrating_to, vm.migrate_left = vm.migrating_to, None, 0.0
         return float(instr.sum()), float(misses.sum()), float(got.sum() * dt), float(speed.sum())
+
+    def _mem_distance(self, nidx: IntArray, nodes: CpuSet) -> FloatArray:
+        """Latency factor (SLIT / 10) of each thread's node to memory spread evenly over ``nodes``."""
+        home = [self.node_index[x] for x in nodes if x in self.node_index] or [len(self.node_index)]
+        out: FloatArray = self.dist[np.ix_(nidx, np.asarray(home, dtype=np.int64))].mean(axis=1)
+        return out
 
 
 def _zero() -> dict[str, float]:

@@ -77,7 +77,7 @@ class SimResult:
     mean_speed: float  # weighted_speedup / mean number of running vCPUs
     throughput_ips: float  # instructions per simulated second, all vCPUs
     mpki: float | None  # all LLC misses per 1000 instructions
-    migrations: dict[str, int]  # "controller" (pins that moved a thread), "scheduler"
+    migrations: dict[str, int]  # "controller" (pins that moved a thread), "scheduler", "memory" (VMs)
     moves_applied: int
     moves_refused: int
     controller_errors: dict[str, int]
@@ -272,7 +272,11 @@ def _result(
         mean_speed=ws / mean_vcpus if mean_vcpus > 0 else 0.0,
         throughput_ips=instr / elapsed if elapsed > 0 else 0.0,
         mpki=misses / instr * 1000.0 if instr > 0 else None,
-        migrations={"controller": host.controller_migrations, "scheduler": host.scheduler_migrations},
+        migrations={
+            "controller": host.controller_migrations,
+            "scheduler": host.scheduler_migrations,
+            "memory": host.memory_migrations,
+        },
         moves_applied=len(moves),
         moves_refused=refused,
         controller_errors=errors,

@@ -16,6 +16,7 @@ from typing import Any
 
 from adaptive_pin.errors import UsageError
 from adaptive_pin.model import CpuListError, CpuSet
+from adaptive_pin.sim import constants
 from adaptive_pin.sim.workloads import (
     CLASS_BASE_CPI,
     Workload,
@@ -75,6 +76,7 @@ class VmSpec:
     pinning: str = "auto"
     pinned_cpus: CpuSet | None = None  # orchestrator-pinned (e.g. Nova <vcpupin>)
     memory_nodes: CpuSet | None = None  # None: first touch (node of the first vCPU's CPU)
+    memory_mib: int = constants.DEFAULT_MEMORY_MIB  # guest RAM: what a memory migration copies
     whole_cores: bool = False
     latency_sensitive: bool = False
     phases: tuple[Phase, ...] = ()
@@ -229,7 +231,7 @@ _SYNTH = {"packages", "llc_per_package", "cores_per_llc", "threads_per_core", "l
 _WORKLOAD = {"from", "mpki", "llc_accesses_pki", "class", "base_cpi", "mlp", "shared_fraction"}
 _VM = {
     "name", "count", "vcpus", "workload", "start", "stop", "load", "pinning", "pinned_cpus",
-    "memory_nodes", "whole_cores", "latency_sensitive", "phases",
+    "memory_nodes", "memory_mib", "whole_cores", "latency_sensitive", "phases",
 }  # fmt: skip
 _PHASE = {"at", "workload", "load"}
 
@@ -529,6 +531,9 @@ def _vms(r: _Reader, value: Any, workloads: Mapping[str, Workload]) -> tuple[VmS
         mem = r.cpulist(t["memory_nodes"], f"{path}.memory_nodes") if "memory_nodes" in t else None
         if mem is not None and not mem:
             raise r.fail(f"{path}.memory_nodes", "expected a non-empty node list", t["memory_nodes"])
+        memory_mib = r.integer(t.get("memory_mib", constants.DEFAULT_MEMORY_MIB), f"{path}.memory_mib")
+        if memory_mib > 1 << 30:
+            raise r.fail(f"{path}.memory_mib", "expected at most 1073741824 (1 PiB)", memory_mib)
         phases_raw = t.get("phases", [])
         if not isinstance(phases_raw, list):
             raise r.fail(f"{path}.phases", "expected a list of { at = s, workload = name }", phases_raw)
@@ -558,6 +563,7 @@ def _vms(r: _Reader, value: Any, workloads: Mapping[str, Workload]) -> tuple[VmS
             pinning=pinning,
             pinned_cpus=pinned,
             memory_nodes=mem,
+            memory_mib=memory_mib,
             whole_cores=r.boolean(t.get("whole_cores", False), f"{path}.whole_cores"),
             latency_sensitive=r.boolean(t.get("latency_sensitive", False), f"{path}.latency_sensitive"),
             phases=tuple(sorted(phases, key=lambda p: p.at)),

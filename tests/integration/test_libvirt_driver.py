@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from adaptive_pin.drivers import open_driver
+from adaptive_pin.drivers._numa import numa_maps_bytes
 from adaptive_pin.drivers.auto import CompositeDriver
 from adaptive_pin.drivers.libvirt import LibvirtDriver
 from adaptive_pin.errors import DriverError, GuestGoneError, PinError
@@ -309,3 +310,23 @@ def test_auto_sees_libvirt_domains_and_plain_qemu_at_once(
     for gid in (dom.UUIDString(), plain.uuid):
         assert by_id[gid]["memory_nodes"] is not None
         assert CpuSet.parse(by_id[gid]["memory_nodes"]) <= host_numa_nodes()
+
+
+def test_migrate_memory_of_a_libvirt_domain_and_never_of_a_numatune_bound_one(
+    driver: Any, make_domains: Any
+) -> None:
+    bound, free = make_domains(
+        DomainSpec(vcpus=1, numatune="<memory mode='strict' nodeset='0'/>"), DomainSpec(vcpus=1)
+    )
+    inv = driver.inventory()
+    host = host_numa_nodes()
+    gb, gf = _guest(inv, bound.name()), _guest(inv, free.name())
+    assert gb.memory_bound and not gf.memory_bound
+    with pytest.raises(PinError, match="bound by its own configuration"):
+        driver.migrate_memory(gb, CpuSet.of(0), CpuSet.of(0))
+    driver.migrate_memory(gf, host, CpuSet.of(min(host)))  # migrate_pages(2) on the domain's QEMU
+    with open(f"/proc/{gf.pid}/numa_maps") as f:
+        assert set(numa_maps_bytes(f.read())) == {min(host)}
+    free.destroy()
+    with pytest.raises(GuestGoneError):
+        driver.migrate_memory(gf, host, CpuSet.of(min(host)))

@@ -9,6 +9,7 @@ from typing import Any
 import psutil
 import pytest
 
+from adaptive_pin.drivers._numa import numa_maps_bytes
 from adaptive_pin.drivers.qemu import QemuDriver
 from adaptive_pin.drivers.qmp import vcpu_thread_ids
 from adaptive_pin.errors import GuestGoneError, PinError
@@ -176,3 +177,29 @@ def test_exited_but_unreaped_qemu_is_stopped_within_a_second(driver: Any, make_q
         driver.pin(g, 0, CpuSet.of(0))
     assert q.uuid not in {x.id for x in driver.inventory().guests}
     q.proc.wait(timeout=10)
+
+
+def test_migrate_memory_moves_a_real_qemus_pages_and_refuses_a_missing_node(
+    driver: Any, make_qemu: Any
+) -> None:
+    q = make_qemu(vcpus=1)
+    g = _guest(driver.inventory(), q)
+    host = host_numa_nodes()
+    assert g.memory_nodes is not None and not g.memory_bound  # plain QEMU: first touch
+    first = CpuSet.of(min(host))
+    driver.migrate_memory(g, host, first)  # a real migrate_pages(2) on the QEMU process
+    with open(f"/proc/{q.pid}/numa_maps") as f:
+        assert set(numa_maps_bytes(f.read())) == {min(host)}
+    assert _guest(driver.inventory(), q).memory_nodes == first  # read afresh, not from the cache
+    missing = CpuSet.of(max(host) + 1)
+    with pytest.raises(PinError, match="EINVAL"):
+        driver.migrate_memory(g, host, missing)
+
+
+def test_migrate_memory_of_an_exited_qemu_is_guest_gone(driver: Any, make_qemu: Any) -> None:
+    q = make_qemu(vcpus=1)
+    g = _guest(driver.inventory(), q)
+    q.proc.kill()
+    q.proc.wait()
+    with pytest.raises(GuestGoneError):
+        driver.migrate_memory(g, CpuSet.of(0), CpuSet.of(0))
