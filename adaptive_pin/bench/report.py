@@ -81,6 +81,9 @@ def scenario_text(sb: ScenarioBench) -> str:
         *(_line(_row_cells(r)) for r in sb.rows),
         _best_text(sb.best),
     ]
+    memory = [f"{r.policy} {r.memory_migrations:g}" for r in sb.rows if r.memory_migrations]
+    if memory:
+        lines.append(f"memory migrations (VMs per run, median): {', '.join(memory)}")
     errors = [f"{r.policy} {r.controller_errors}" for r in sb.rows if r.controller_errors]
     if errors:
         lines.append(f"controller errors (all seeds): {', '.join(errors)}")

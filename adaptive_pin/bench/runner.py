@@ -46,6 +46,7 @@ class RunFigures:
     steady_ws: float | None  # its final placement in the static case; None when not scored
     controller_errors: int
     wall_s: float
+    memory_migrations: int = 0  # VMs whose memory the controller migrated
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class PolicyRow:
     best_share: float | None  # steady WS of its final placement / the best placement's
     controller_errors: int
     runs: tuple[RunFigures, ...]
+    memory_migrations: float = 0.0  # per run, median over seeds
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ def _figures(result: SimResult, sc: Scenario, case: optimal.StaticCase | None, s
         steady_ws=steady_ws,
         controller_errors=sum(result.controller_errors.values()),
         wall_s=result.wall_s,
+        memory_migrations=result.migrations.get("memory", 0),
     )
 
 
@@ -175,6 +178,7 @@ def _row(policy: str, runs: list[RunFigures], base: list[RunFigures], best_ws: f
         best_share=_median([_ratio(r.steady_ws, best_ws) for r in runs]),
         controller_errors=sum(r.controller_errors for r in runs),
         runs=tuple(runs),
+        memory_migrations=statistics.median(r.memory_migrations for r in runs),
     )
 
 
