@@ -55,6 +55,22 @@ def test_scheduler_balances_load_idle_core_before_smt_sibling() -> None:
     assert p2.got == pytest.approx(np.ones(n))
 
 
+def test_an_overcommitted_host_gets_its_busy_queues_evened_out() -> None:
+    """No PU idle: load_balance still moves a thread from a queue of 3 to a queue of 1."""
+    topo = synthetic_topology(packages=1, cores_per_llc=2, threads_per_core=1)
+    sched = LinuxLikeScheduler(topo, np.random.default_rng(0))
+    allowed = np.ones((4, 2), dtype=np.bool_)
+    stacked = np.array([0, 0, 0, 1], dtype=np.int64)
+    p = sched.place(allowed, stacked, np.ones(4), 1.0)
+    assert sorted(np.bincount(p.pu, minlength=2).tolist()) == [2, 2]
+    assert p.migrated.sum() == 1
+    assert p.got == pytest.approx(np.full(4, 0.5))
+    # nearly even already (1.5 vs 1.4: within imbalance_pct): nobody moves, no ping-pong
+    demand = np.array([0.5, 0.5, 0.5, 0.7, 0.7])
+    p = sched.place(np.ones((5, 2), dtype=np.bool_), np.array([0, 0, 0, 1, 1]), demand, 1.0)
+    assert not p.migrated.any()
+
+
 def test_unpinned_baseline_migrates_and_counts_it_as_the_schedulers() -> None:
     vms = '[[vms]]\nname = "a"\ncount = 2\nvcpus = 2\nworkload = "sort"\nload = 0.5'
     h = host_of(vms)  # 4 half-idle threads on 8 PUs: wakeups land on other idle PUs

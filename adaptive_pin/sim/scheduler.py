@@ -7,6 +7,10 @@ What it imitates of CFS/EEVDF (kernel/sched/fair.c), at the granularity of one t
 - periodic/newidle balancing pulls a second runnable thread off a busy PU to an idle one,
   same LLC first, then same node, then anywhere the affinity allows; and splits two busy
   threads on one core when a whole core is idle;
+- when no PU is idle (overcommit), periodic balancing still evens the runnable load: a thread
+  leaves an overloaded PU for the least loaded allowed one of its LLC (then node, then any)
+  when the busier queue carries ``IMBALANCE_PCT`` times the other's load and the thread's
+  demand is no more than their difference (load_balance's imbalance_pct, detach_tasks' test);
 - noise: threads that sleep part of the time wake on another PU of their LLC that is idle or
   less loaded, and now and then any thread is pulled to another LLC by transient host load.
 Rates and choices are in docs/simulator.md ("Scheduler"); the RNG is seeded by the scenario.
@@ -29,6 +33,9 @@ IntArray = npt.NDArray[np.int64]
 WAKE_MIGRATIONS_PER_IDLE_S = 2.0
 # Migrations to another LLC per second from transient host load (kworkers, IRQ threads).
 CROSS_LLC_NOISE_PER_S = 0.02
+# sd->imbalance_pct of the MC (LLC) sched domain: balance when the busiest queue carries 17 %
+# more load than the one pulling (kernel/sched/topology.c, sd_init).
+IMBALANCE_PCT = 1.17
 
 
 @dataclass
@@ -77,6 +84,16 @@ class LinuxLikeScheduler:
         score = np.where(allowed, score + self.rng.random(self.n_pu) * 0.01, -np.inf)
         return int(np.argmax(score))
 
+    def _lightest(self, allowed: BoolArray, load: FloatArray, at: int) -> int:
+        """The least loaded allowed PU, its LLC first, then its node, then anywhere; -1 if none."""
+        for near in (self.llc == self.llc[at], self.node == self.node[at], None):
+            mask = allowed if near is None else allowed & near
+            mask = mask.copy()
+            mask[at] = False
+            if mask.any():
+                return int(np.argmin(np.where(mask, load, np.inf)))
+        return -1
+
     # --- one tick -----------------------------------------------------------------------
     def place(self, allowed: BoolArray, current: IntArray, demand: FloatArray, dt: float) -> Placement:
         """New positions for every thread; ``allowed`` is (N, n_pu), ``current`` -1 if unplaced."""
@@ -119,6 +136,16 @@ class LinuxLikeScheduler:
                 if not idle.any():
                     break
                 move(i, self._pick(idle, count, int(p), load))
+
+        # 2b. overcommit: even the load between busy queues (nothing is idle to pull to)
+        for p in np.argsort(-load):
+            if load[p] <= 1.0 + 1e-9:
+                break
+            for i in sorted(np.flatnonzero(pu == p), key=lambda j: -demand[j]):
+                to = self._lightest(allowed[i], load, int(p))
+                # detach_tasks: a task moves while half its load fits in half the imbalance
+                if to >= 0 and load[p] > load[to] * IMBALANCE_PCT and demand[i] <= load[p] - load[to]:
+                    move(int(i), to)
 
         # 3. SMT: two busy siblings while an allowed core is wholly idle -> split them
         busy = self._core_busy(count)
