@@ -351,25 +351,20 @@ class _World:
         """Memory to the node of every VM whose vCPUs all end up in one node it is not on."""
         if not self.follows.any():
             return []
-        to = {(t.guest.id, t.vcpu.index): t.cpus for t in targets}
-        nodes_of: dict[CpuSet, frozenset[int]] = {}  # affinities repeat: one scan per distinct set
+        moved = {(t.guest.id, t.vcpu.index) for t in targets}
         out: list[MemoryMove] = []
         for gi in np.flatnonzero(self.follows):
             g = self.guests[gi]
-            nodes: set[int] = set()
-            for v in g.vcpus:
-                cpus = to.get((g.id, v.index), v.affinity)
-                found = nodes_of.get(cpus)
-                if found is None:
-                    pos = [self.pos_of[c] for c in cpus if c in self.pos_of]
-                    found = nodes_of[cpus] = frozenset(int(n) for n in self.topo.pu_node[pos])
-                nodes |= found
-                if len(nodes) > 1:
-                    break
+            rows = self.rows_of[gi]
+            # a target lies in its row's domain; a vCPU without one stays in its affinity's
+            doms = {r.dom if (g.id, r.vcpu.index) in moved else r.aff_dom for r in rows}
+            if len(rows) != len(g.vcpus) or -1 in doms:
+                continue
+            nodes = {int(self.dom_node[d]) for d in doms}
             if len(nodes) != 1 or min(nodes) < 0:
                 continue
             node = min(nodes)
-            dom = int(np.flatnonzero(self.dom_node == node)[0])
+            dom = min(doms)
             gain = self.p.t * sum(r.m for r in self.rows_of[gi]) * float(self.rho_full[gi, dom])
             why = (
                 f"memory of {g.name} to node {node}, where all its vCPUs run: "
