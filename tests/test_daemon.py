@@ -213,6 +213,9 @@ def test_plan_advises_and_json_is_machine_readable() -> None:
     assert doc["policy"] == "cache-aware"
     for m in doc["moves"]:
         assert {"vm", "vcpu", "from", "to", "reason", "predicted_gain", "guard"} <= set(m)
+    for mm in doc["memory_moves"]:  # VMs whose memory would follow them to another node
+        assert {"vm", "from_nodes", "to_nodes", "reason", "predicted_gain", "guard"} <= set(mm)
+        assert mm["from_nodes"] != mm["to_nodes"] and mm["vm"] in {m["vm"] for m in doc["moves"]}
 
 
 # --------------------------------------------------------------------------------------
