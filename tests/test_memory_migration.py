@@ -24,7 +24,7 @@ from adaptive_pin.sim.scenario import loads_scenario
 from collectors.sim import SimCollector
 from policies.cache_aware import CacheAwarePolicy
 from policies.numa import NumaPolicy
-from tests.policy_helpers import guest, make_topology, rates, snapshot
+from tests.policy_helpers import guest, make_topology, rates, real_topology, snapshot
 
 TOPO = make_topology(packages=2, llcs_per_package=1, cores_per_llc=4, threads=1)  # node 0: 0-3, 1: 4-7
 NODE0, NODE1 = TOPO.numa_nodes[0].cpus, TOPO.numa_nodes[1].cpus
@@ -124,6 +124,20 @@ def test_memory_that_can_follow_weighs_less_in_the_placement() -> None:
             assert [mm.to_nodes for mm in plan.memory_moves if mm.guest_id == "m"] == [CpuSet.of(1)]
     assert where[True] == {NODE1}
     assert where[False] == {NODE0}  # memory stuck on node 0: stay beside it, contention and all
+
+
+def test_no_memory_follows_into_an_llc_that_spans_nodes() -> None:
+    """SNC: each L3 covers two NUMA nodes, so a VM in one L3 is not in one node: no migration
+    is proposed (there is no one node to send it to) and its remote memory keeps its weight."""
+    snc = real_topology("memorysidecaches")
+    llc0, llc1 = snc.llc[0].cpus, snc.llc[1].cpus
+    assert len({snc.node_of(c) for c in llc0}) == 2
+    g = guest("a", [llc0, llc0], memory_nodes=CpuSet.of(1), last_cpus=[0, 2])
+    nova = guest("n", [llc1], orchestrator_pinned=True, last_cpus=[1])  # L3 1 is taken
+    rs = {("a", i): rates(0.9, 2e7, last_cpu=2 * i) for i in range(2)} | {("n", 0): rates(0.1, last_cpu=1)}
+    p = CacheAwarePolicy()
+    plan, _ = p.decide(snapshot(snc, [g, nova], rs), p.initial_state())
+    assert plan.moves == () and plan.memory_moves == ()
 
 
 def test_numa_baseline_migrates_like_numad() -> None:
