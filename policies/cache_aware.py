@@ -1339,6 +1339,14 @@ class _World:
             [r.aff_weights if r.aff_weights is not None else np.full(self.D, 1.0 / self.D) for r in placed]
         )
         weights = np.where(finite, weights, 0.0)
+        # The scheduler does not wake a thread into a domain that is full while another it may
+        # use has an idle PU: a full domain is no part of where a floating vCPU would run.
+        u = np.fromiter((r.u for r in placed), dtype=np.float64, count=len(placed))
+        d = np.fromiter((r.dom for r in placed), dtype=np.int64, count=len(placed))
+        others = self.agg.L[None, :] - np.where(np.arange(self.D)[None, :] == d[:, None], u[:, None], 0.0)
+        room = others + u[:, None] <= self.capacity()[None, :] + 1e-9
+        has_room = (room & (weights > 0)).any(axis=1, keepdims=True)
+        weights = np.where(has_room & ~room, 0.0, weights)
         weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
         floating = (weights * np.where(finite, costs, 0.0)).sum(axis=1)
         here = costs[np.arange(len(placed)), [r.dom for r in placed]]

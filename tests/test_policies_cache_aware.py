@@ -457,3 +457,18 @@ def test_a_host_with_one_llc_domain_is_told_there_is_nowhere_to_move() -> None:
     assert any("one LLC domain on this host" in n and "granularity core" in n for n in plan.notes), plan.notes
     at_core, _ = CacheAwarePolicy(granularity="core").decide(snap, None)
     assert not any("one LLC domain" in n for n in at_core.notes)
+
+
+def test_a_full_domain_does_not_make_floating_look_costly() -> None:
+    """A quiet floating VM where one L3 is full and the other has room: the scheduler keeps it
+    where there is room, so confining it gains nothing and it is left to float. (It used to be
+    charged a whole lost vCPU for the share of its CPUs in the full domain.)"""
+    topo = make_topology(llcs_per_package=2, cores_per_llc=2, threads=2)  # L3s of 4 PUs
+    full, spare = topo.llc[0].cpus, topo.llc[1].cpus
+    busy = guest("b", [full] * 4, last_cpus=sorted(full))
+    quiet = guest("q", [topo.online], last_cpus=[min(spare)])
+    rs = {("b", i): rates(1.0, 1e5, last_cpu=sorted(full)[i]) for i in range(4)}
+    rs[("q", 0)] = rates(1.0, 1e5, last_cpu=min(spare))
+    p = CacheAwarePolicy()
+    plan, _ = p.decide(snapshot(topo, [busy, quiet], rs), p.initial_state())
+    assert [m for m in plan.moves if m.guest_id == "q"] == []
