@@ -31,14 +31,20 @@ The comparison must be like for like, so "worse" is:
 
 A move judged worse is rolled back by the controller and its placement remembered as bad for
 ``bad_placement_ttl_s``.
+
+The vCPUs of one VM moved in one tick were moved by one decision (a whole VM to another
+domain, a swap), so they get one verdict: rolled back together when at least as many of them
+were judged worse as better, else kept together. Judged one by one, a VM moved whole would
+come back split (some vCPUs back home, the others left behind), the placement cohesion costs
+most.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -178,6 +184,7 @@ class MoveJournal:
             floated = _domains(snapshot, p.move.from_cpus) > 1
             outcomes.append(self._judge(p, Window.of(p.after, need=1), snapshot.time, floated=floated))
 
+        outcomes = self._per_vm(outcomes, snapshot.time)
         for key, reading in readings.items():
             if reading is not None:
                 self._recent.setdefault(key, deque(maxlen=s.window_ticks)).append(reading)
@@ -186,6 +193,29 @@ class MoveJournal:
         for key in [k for k in self._totals if k not in live]:
             del self._totals[key]
         return outcomes
+
+    def _per_vm(self, outcomes: list[MoveOutcome], now: float) -> list[MoveOutcome]:
+        """One verdict for the moves of one VM applied in one tick (see the module doc)."""
+        groups: defaultdict[tuple[str, float], list[int]] = defaultdict(list)
+        for i, o in enumerate(outcomes):
+            if o.mpki_after is not None:  # a vCPU that is gone has nothing to keep or roll back
+                groups[(o.move.guest_id, o.applied_at)].append(i)
+        out = list(outcomes)
+        for idx in groups.values():
+            verdicts = [outcomes[i].verdict for i in idx]
+            worse = verdicts.count(Verdict.ROLLED_BACK)
+            if len(idx) < 2 or worse == 0:
+                continue
+            verdict = Verdict.ROLLED_BACK if worse >= verdicts.count(Verdict.KEPT) else Verdict.KEPT
+            for i in idx:
+                o = outcomes[i]
+                bad = (o.move.key, o.move.to_cpus)
+                if verdict is Verdict.ROLLED_BACK:
+                    self._bad[bad] = now + self.settings.bad_placement_ttl_s
+                else:
+                    self._bad.pop(bad, None)
+                out[i] = replace(o, verdict=verdict)
+        return out
 
     def record(self, move: Move, now: float) -> None:
         """A move was applied: its before-window is what we saw up to now."""

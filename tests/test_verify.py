@@ -209,3 +209,41 @@ def test_an_unsettled_window_without_ipc_is_unmeasured(topo: Topology) -> None:
     j.record(MOVE, 1)
     outs = [o.verdict for t in range(2, 6) for o in j.observe(_snap(topo, t, 9.0))]
     assert outs == [Verdict.UNMEASURED]
+
+
+def _vm_run(topo: Topology, afters: tuple[list[float], list[float], list[float]]) -> list[Verdict]:
+    """A 3-vCPU VM moved whole in one tick; each vCPU's MPKI is 10 before, ``afters[i]`` after."""
+    g = Guest(
+        "g1", "vm1", 1, tuple(VCpu(i, 10 + i, CpuSet.of(1)) for i in range(3)),
+        Pinnability(True, PinSource.DEFAULT), "t",
+    )  # fmt: skip
+    moves = [Move("g1", "vm1", i, CpuSet.of(1), CpuSet.of(2), "test", 1.0) for i in range(3)]
+    j = MoveJournal(VerifySettings(window_ticks=2, settle_ticks=1, rollback_margin=0.1))
+
+    def snap(t: float, mpki: list[float]) -> Snapshot:
+        rates = {("g1", i): VCpuRates(mpki=m) for i, m in enumerate(mpki)}
+        return Snapshot(time=t, topology=topo, guests=(g,), rates=rates)
+
+    for t in range(2):
+        j.observe(snap(t, [10.0] * 3))
+    for m in moves:
+        j.record(m, 2)
+    out = []
+    for k in range(3):
+        out += j.observe(snap(2 + k, [a[k] for a in afters]))
+    assert sorted(o.move.vcpu for o in out) == [0, 1, 2]
+    bad = j.bad_placements(5)
+    for o in out:  # remembered as bad exactly when rolled back
+        assert ((("g1", o.move.vcpu), CpuSet.of(2)) in bad) == (o.verdict is Verdict.ROLLED_BACK)
+    return [o.verdict for o in sorted(out, key=lambda o: o.move.vcpu)]
+
+
+def test_a_vm_moved_whole_gets_one_verdict_never_a_split(topo: Topology) -> None:
+    worse, better, same = [99.0, 20.0, 20.0], [99.0, 5.0, 5.0], [99.0, 10.0, 10.0]
+    # one vCPU worse, two better: the VM stays where it went, all of it
+    assert _vm_run(topo, (worse, better, better)) == [Verdict.KEPT] * 3
+    # two worse, one better: all of it goes back
+    assert _vm_run(topo, (worse, worse, better)) == [Verdict.ROLLED_BACK] * 3
+    # unchanged vCPUs count as kept: two worse beat one, one worse loses to two
+    assert _vm_run(topo, (worse, same, worse)) == [Verdict.ROLLED_BACK] * 3
+    assert _vm_run(topo, (worse, same, same)) == [Verdict.KEPT] * 3
