@@ -1218,10 +1218,12 @@ class _World:
             du = bu[None, :] - bu[first][:, None]  # load change in the first's domain
             new_i, new_j = li + du, lj - du
             load = lc(new_i, hi) + lc(new_j, hj) - lc(li, hi) - lc(lj, hj)
-            gain = before - after - load
+            with np.errstate(invalid="ignore"):  # a VM where it may not stay: inf - inf
+                gain = before - after - load
             ok = (
                 (hi != hj)
                 & np.isfinite(after)
+                & np.isfinite(gain)
                 & ((new_i <= cap[hi] + 1e-9) | (du <= 1e-9))
                 & ((new_j <= cap[hj] + 1e-9) | (du >= -1e-9))
                 & (gain >= self.p.min_gain * (size[first][:, None] + size[None, :]))
