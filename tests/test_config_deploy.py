@@ -55,3 +55,32 @@ def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert str(unit) not in proc.stderr, proc.stderr  # no warnings about our unit either
+
+
+def test_the_syscall_filter_lets_every_call_the_daemon_makes_through() -> None:
+    analyze = shutil.which("systemd-analyze")
+    require(analyze is not None, "systemd-analyze not installed (Debian package systemd)")
+    assert analyze is not None
+    seen: set[str] = set()
+
+    def expand(name: str) -> set[str]:  # a group lists its own calls and the groups it includes
+        if not name.startswith("@"):
+            return {name}
+        if name in seen:
+            return set()
+        seen.add(name)
+        out = subprocess.run(
+            [analyze, "syscall-filter", name], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+        calls: set[str] = set()
+        for line in out.splitlines()[1:]:
+            word = line.strip()
+            if word and not word.startswith("#"):
+                calls |= expand(word)
+        return calls
+
+    allowed: set[str] = set()
+    for entry in directives()["SystemCallFilter"][0].split():
+        allowed |= expand(entry)
+    # pinning, memory migration, counters, and what the daemon needs of the kernel besides
+    assert {"sched_setaffinity", "migrate_pages", "perf_event_open", "ioctl", "openat"} <= allowed
