@@ -54,12 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in _command_modules():
         module.register(sub)
+    for command in sub.choices.values():  # -v after the command too: "adaptive-pin run -v"
+        command.add_argument(
+            "-v", "--verbose", action="count", default=0, dest="command_verbose",
+            help="more log lines on stderr (-vv: debug)",
+        )  # fmt: skip
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.verbose += getattr(args, "command_verbose", 0)
     logging.basicConfig(
         level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
         format="adaptive-pin: %(levelname)s %(name)s: %(message)s",

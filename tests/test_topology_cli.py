@@ -105,3 +105,19 @@ def test_fixture_and_sysfs_root_exclude_each_other(capsys: pytest.CaptureFixture
         main(["topology", "--fixture", "8em64t-4c2t", "--sysfs-root", "/"])
     assert exit_.value.code == 2
     assert "not allowed with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "level"),
+    [([], 0), (["-v"], 1), (["-vv"], 2)],
+)
+def test_verbose_counts_before_or_after_the_command(argv: list[str], level: int) -> None:
+    from adaptive_pin.cli import build_parser
+
+    p = build_parser()
+    before = p.parse_args([*argv, "plan", "--driver", "sim"])
+    after = p.parse_args(["plan", "--driver", "sim", *argv])
+    assert before.verbose + before.command_verbose == level
+    assert after.verbose + after.command_verbose == level
+    both = p.parse_args(["-v", "run", "--dry-run", "-v"])
+    assert both.verbose + both.command_verbose == 2
