@@ -18,7 +18,7 @@ from adaptive_pin.drivers.base import MemoryMigrator
 from adaptive_pin.drivers.sim import SimDriver
 from adaptive_pin.errors import GuestGoneError, PinError
 from adaptive_pin.guard import Guard, GuardSettings
-from adaptive_pin.model import CpuSet, MemoryMove, Plan, Snapshot
+from adaptive_pin.model import CPU_TIME, CYCLES, CpuSet, MemoryMove, Plan, Snapshot
 from adaptive_pin.sim.host import SimHost
 from adaptive_pin.sim.scenario import loads_scenario
 from collectors.sim import SimCollector
@@ -202,10 +202,13 @@ def test_sim_copies_memory_at_its_bandwidth_and_stalls_the_vm_meanwhile() -> Non
     host.migrate_memory(vm.id, CpuSet.of(other))
     assert host.guest(vm).memory_nodes == home | CpuSet.of(other)  # both, while it copies
     ticks, during = 0, []
+    th = vm.threads[0]
     while vm.migrating_to is not None:
-        before = vm.instructions
+        before, cycles0, cpu0 = vm.instructions, th.counters[CYCLES], th.counters[CPU_TIME]
         host.step()
         during.append(vm.instructions - before)
+        # a stalled vCPU still burns its cycles: the cycles counter follows CPU time
+        assert th.counters[CYCLES] - cycles0 == pytest.approx((th.counters[CPU_TIME] - cpu0) * host.freq_hz)
         ticks += 1
     # 3000 MiB at 1.5 GB/s: 2.1 s of copying
     assert ticks == 3

@@ -372,13 +372,18 @@ class SimHost:
             vcpus=vcpus,
             pinnability=pin,
             driver="sim",
-            memory_nodes=vm.home_nodes
-            if vm.migrating_to is None or vm.home_nodes is None
-            else vm.home_nodes | vm.migrating_to,
+            memory_nodes=self._memory_nodes(vm),
             memory_bound=spec.memory_nodes is not None,
             orchestrator_pinned=spec.pinned_cpus is not None,
             workload_hint=vm.workload,
         )
+
+    @staticmethod
+    def _memory_nodes(vm: SimVM) -> CpuSet | None:
+        """Where numa_maps would show its pages: both sides while a migration copies them."""
+        if vm.migrating_to is None or vm.home_nodes is None:
+            return vm.home_nodes
+        return vm.home_nodes | vm.migrating_to
 
     def guests(self) -> tuple[Guest, ...]:
         return tuple(self.guest(vm) for vm in self.vms.values())
@@ -406,12 +411,15 @@ class SimHost:
         if vm.migrating_to is not None and self._migrated_share(vm) >= 0.5:
             vm.home_nodes = vm.migrating_to  # a new call while one runs: most pages are there
         vm.migrating_to = to_nodes
-        vm.migrate_left = vm.spec.memory_mib * float(1 << 20)
+        vm.migrate_left = self._memory_bytes(vm)
         self.memory_migrations += 1
 
+    @staticmethod
+    def _memory_bytes(vm: SimVM) -> float:
+        return max(vm.spec.memory_mib * float(1 << 20), 1.0)
+
     def _migrated_share(self, vm: SimVM) -> float:
-        total = vm.spec.memory_mib * float(1 << 20)
-        return 1.0 - vm.migrate_left / total if total > 0 else 1.0
+        return 1.0 - vm.migrate_left / self._memory_bytes(vm)
 
     def pin(self, guest_id: str, vcpu: int, cpus: CpuSet) -> None:
         vm = self.find_vm(guest_id)
@@ -539,14 +547,9 @@ class SimHost:
                 mem_factor[sl] = self._mem_distance(nidx[sl], vm.home_nodes)
                 if vm.migrating_to is not None:
                     # pages still to copy are on the old nodes; the copy stalls the guest
-                    moved = min(
-                        1.0,
-                        self._migrated_share(vm)
-                        + 0.5
-                        * constants.MIGRATE_BYTES_PER_S
-                        * dt
-                        / max(vm.spec.memory_mib * float(1 << 20), 1.0),
-                    )
+                    # the share on the new nodes, on average over this tick
+                    step = constants.MIGRATE_BYTES_PER_S * dt / self._memory_bytes(vm)
+                    moved = min(1.0, self._migrated_share(vm) + 0.5 * step)
                     new = self._mem_distance(nidx[sl], vm.migrating_to)
                     mem_factor[sl] = (1.0 - moved) * mem_factor[sl] + moved * new
                     copy_s = min(dt, vm.migrate_left / constants.MIGRATE_BYTES_PER_S)
@@ -585,11 +588,12 @@ class SimHost:
         )
         previous = np.array([th.occupancy if not th.cold else np.nan for th in threads])
         sol = solve(load, self.capacity, self.freq_hz, initial=previous)
-        cycles = got * dt * self.freq_hz * (1.0 - stall)
+        cycles = got * dt * self.freq_hz
         cold = np.array([th.cold for th in threads]) & on
         cold_misses = np.where(cold, sol.effective / constants.LINE_BYTES, 0.0)
         lost = cold_misses * load.mem_latency / load.mlp
-        instr = np.maximum(cycles - lost, 0.0) / sol.cpi
+        # a stalled vCPU burns its cycles (the counter sees them) but retires nothing meanwhile
+        instr = np.maximum(cycles * (1.0 - stall) - lost, 0.0) / sol.cpi
         misses = instr * sol.mpki / 1000.0 + cold_misses
         refs = instr * np.array([w.llc_accesses_pki for w in wl]) / 1000.0 + cold_misses
         alone = np.array([th.alone_ips * th.demand for th in threads]) * dt
