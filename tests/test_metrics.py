@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adaptive_pin.errors import UsageError
 from adaptive_pin.metrics import DEFAULT_ADDRESS, DEFAULT_PORT, MetricsExporter, parse_address
-from adaptive_pin.model import CpuSet, Verdict
+from adaptive_pin.model import CpuSet, MemoryMove, Verdict
 from tests.conftest import require
 from tests.metrics_helpers import demo_host, move, outcome, tick_report
 
@@ -143,6 +143,14 @@ def test_migrations_refusals_and_dry_run(exporter: MetricsExporter) -> None:
     assert value(s, "adaptive_pin_moves_planned_total", kind="rebalance") == 2
     assert value(s, "adaptive_pin_moves_refused_total", kind="cohesion") == 1
     assert value(s, "adaptive_pin_controller_info", dry_run="true", policy="cache_aware") == 1
+
+
+def test_memory_migrations_are_counted_unless_dry_run(exporter: MetricsExporter) -> None:
+    _, (_web, db), snap = demo_host()
+    mm = MemoryMove(db.id, db.name, CpuSet.of(0), CpuSet.of(1), "test", 0.5)
+    exporter.observe(tick_report(snap, memory_applied=[mm]))
+    exporter.observe(tick_report(snap, tick=2, memory_applied=[mm], dry_run=True))
+    assert value(scrape(exporter), "adaptive_pin_memory_migrations_total", policy="cache_aware") == 1
 
 
 def test_verdicts_rollbacks_and_before_after_histograms(exporter: MetricsExporter) -> None:

@@ -7,7 +7,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from adaptive_pin.metrics import MetricsExporter
-from adaptive_pin.model import CpuSet, Verdict
+from adaptive_pin.model import CpuSet, MemoryMove, Verdict
 from tests.metrics_exprs import (
     LABEL_VALUES,
     all_panels,
@@ -36,6 +36,7 @@ def exported_names() -> set[str]:
             applied=[m],
             refused=[(m, "cooldown")],
             outcomes=[outcome(m, 8.0, 4.0, Verdict.ROLLED_BACK)],
+            memory_applied=[MemoryMove(db.id, db.name, CpuSet.of(0), CpuSet.of(1), "test", 1.0)],
             errors={"pin": 1},
         )
     )
