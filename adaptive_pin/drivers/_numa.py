@@ -33,53 +33,66 @@ _NODE_COUNT = re.compile(r"^N(\d+)=(\d+)$")
 _PAGE_SIZE = re.compile(r"^kernelpagesize_kB=(\d+)$")
 
 
-def numa_maps_bytes(text: str) -> dict[int, int]:
-    """Bytes resident per node, summed over every mapping of a ``numa_maps`` text.
+FIRST_TOUCH_POLICIES = ("default", "local")  # a mapping's policy that nobody chose
+
+
+def _summary(text: str) -> tuple[dict[int, int], int]:
+    """Bytes resident per node over every mapping of a ``numa_maps`` text, and how many of all
+    those bytes sit in mappings with a memory policy of their own.
 
     Each line is one mapping: ``<addr> <policy> [file=..|heap|stack|huge] ... N0=12 N1=3
     kernelpagesize_kB=4``; ``N<node>=<pages>`` counts pages of that mapping's page size, so a
-    hugetlbfs-backed guest RAM (2048 kB pages) weighs as much as it really holds.
+    hugetlbfs-backed guest RAM (2048 kB pages) weighs as much as it really holds. The policy is
+    ``default`` (or ``local``) for first touch; ``bind:``, ``interleave:``, ``prefer:``
+    (numactl, QEMU's ``host-nodes=``) are a choice somebody made.
     """
-    out: dict[int, int] = {}
+    per_node: dict[int, int] = {}
+    bound = 0
     for line in text.splitlines():
+        fields = line.split()
         counts: list[tuple[int, int]] = []
         page_kb = 4
-        for tok in line.split()[2:]:
+        for tok in fields[2:]:
             if m := _NODE_COUNT.match(tok):
                 counts.append((int(m.group(1)), int(m.group(2))))
             elif m := _PAGE_SIZE.match(tok):
                 page_kb = int(m.group(1))
+        size = 0
         for node, pages in counts:
-            out[node] = out.get(node, 0) + pages * page_kb * 1024
-    return out
-
-
-def numa_maps_bound(text: str) -> bool:
-    """True when most resident bytes sit in mappings with a memory policy of their own.
-
-    The second field of each line is the mapping's policy: ``default`` (or ``local``) follows
-    first touch; ``bind:``, ``interleave:``, ``prefer:`` (numactl, QEMU's ``host-nodes=``) are a
-    choice somebody made, which this tool does not undo by migrating the pages.
-    """
-    bound = total = 0
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) < 2:
-            continue
-        size = sum(numa_maps_bytes(line).values())
-        total += size
-        if fields[1] not in ("default", "local"):
+            n_bytes = pages * page_kb * 1024
+            per_node[node] = per_node.get(node, 0) + n_bytes
+            size += n_bytes
+        if fields[1:] and fields[1] not in FIRST_TOUCH_POLICIES:
             bound += size
-    return total > 0 and 2 * bound > total
+    return per_node, bound
 
 
-def numa_maps_nodes(text: str, min_share: float = MIN_SHARE) -> CpuSet | None:
-    """Nodes holding at least ``min_share`` of the resident bytes; None when nothing is resident."""
-    per_node = numa_maps_bytes(text)
+def _nodes_of(per_node: dict[int, int], min_share: float) -> CpuSet | None:
     total = sum(per_node.values())
     if total <= 0:
         return None
     return CpuSet(n for n, b in per_node.items() if b >= min_share * total)
+
+
+def _is_bound(per_node: dict[int, int], bound: int) -> bool:
+    total = sum(per_node.values())
+    return total > 0 and 2 * bound > total
+
+
+def numa_maps_bytes(text: str) -> dict[int, int]:
+    """Bytes resident per node, summed over every mapping of a ``numa_maps`` text."""
+    return _summary(text)[0]
+
+
+def numa_maps_bound(text: str) -> bool:
+    """True when most resident bytes sit in mappings with a memory policy of their own: a
+    choice somebody made, which this tool does not undo by migrating the pages."""
+    return _is_bound(*_summary(text))
+
+
+def numa_maps_nodes(text: str, min_share: float = MIN_SHARE) -> CpuSet | None:
+    """Nodes holding at least ``min_share`` of the resident bytes; None when nothing is resident."""
+    return _nodes_of(_summary(text)[0], min_share)
 
 
 def numatune_nodes(root: ET.Element) -> CpuSet | None:
@@ -144,8 +157,8 @@ class NumaMapsCache:
                 return hit
         try:
             with open(f"{PROC}/{pid}/numa_maps") as f:
-                text = f.read()
-            entry = _Cached(start, numa_maps_nodes(text), now, numa_maps_bound(text))
+                per_node, bound = _summary(f.read())  # one walk of the text for both answers
+            entry = _Cached(start, _nodes_of(per_node, MIN_SHARE), now, _is_bound(per_node, bound))
         except OSError:  # gone, no permission, or a kernel without CONFIG_NUMA: unknown
             entry = _Cached(start, None, now)
         with self._lock:
