@@ -34,6 +34,7 @@ import socket
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
@@ -486,20 +487,9 @@ class LibvirtDriver:
         A domain with ``<numatune>`` is bound (Guest.memory_bound) and refused: its nodeset is
         the operator's, and libvirt's cgroup ``cpuset.mems`` would refuse other nodes anyway.
         """
-        lv = self._lv
         conn = self._connection()
-        try:
-            dom = conn.lookupByUUIDString(guest.id)
-            if not dom.isActive():
-                raise GuestGoneError(f"{guest.name}: domain is not running")
-            described = self._describe(dom)  # the VM may have opted out or been bound since
-        except lv.libvirtError as exc:
-            if exc.get_error_code() in (lv.VIR_ERR_NO_DOMAIN, lv.VIR_ERR_OPERATION_INVALID):
-                raise GuestGoneError(f"{guest.name}: {exc.get_error_message()}") from None
-            self._check_alive(conn)
-            raise PinError(f"{guest.name}: libvirt: {exc.get_error_message()}") from None
-        except UnsafeXmlError as exc:
-            raise PinError(f"{guest.name}: {exc}") from None
+        with self._libvirt_call(conn, guest.name, "the domain lookup"):
+            _, described = self._running(conn, guest, guest.name)  # opted out or bound since?
         fresh = replace(
             guest,
             pinnability=described.pinnability,
@@ -515,28 +505,39 @@ class LibvirtDriver:
         if not cpus:
             raise PinError(f"{what}: refusing an empty CPU set")
         conn = self._connection()
-        try:
-            dom = conn.lookupByUUIDString(guest.id)
-            if not dom.isActive():
-                raise GuestGoneError(f"{what}: domain is not running")
+        with self._libvirt_call(conn, what, "pinVcpuFlags"):
+            dom, described = self._running(conn, guest, what)
             # Defense in depth: the VM may have opted out since the inventory the caller holds.
-            fresh = self._describe(dom).pinnability
+            fresh = described.pinnability
             if not fresh.managed:
                 raise PinError(f"refusing to pin {what}: not managed ({fresh.reason})")
             ncpus = int(conn.getCPUMap()[0])
             if max(cpus) >= ncpus:
                 raise PinError(f"{what}: CPUs {cpus} beyond this host's {ncpus} CPUs")
             dom.pinVcpuFlags(vcpu, tuple(c in cpus for c in range(ncpus)), lv.VIR_DOMAIN_AFFECT_LIVE)
-        except lv.libvirtError as exc:
-            code = exc.get_error_code()
-            if code in (lv.VIR_ERR_NO_DOMAIN, lv.VIR_ERR_OPERATION_INVALID):
-                raise GuestGoneError(f"{what}: {exc.get_error_message()}") from None
-            self._check_alive(conn)
-            raise PinError(f"{what}: libvirt refused pinVcpuFlags: {exc.get_error_message()}") from None
-        except UnsafeXmlError as exc:
-            raise PinError(f"{what}: {exc}") from None
         with self._lock:
             self._own_pins.setdefault(guest.id, {})[vcpu] = cpus
+
+    def _running(self, conn: Any, guest: Guest, what: str) -> tuple[Any, _Described]:
+        """The guest's domain, running, and what its XML says now (not at the inventory)."""
+        dom = conn.lookupByUUIDString(guest.id)
+        if not dom.isActive():
+            raise GuestGoneError(f"{what}: domain is not running")
+        return dom, self._describe(dom)
+
+    @contextlib.contextmanager
+    def _libvirt_call(self, conn: Any, what: str, call: str) -> Iterator[None]:
+        """libvirt's errors as this driver's: a domain gone is GuestGoneError, else PinError."""
+        lv = self._lv
+        try:
+            yield
+        except lv.libvirtError as exc:
+            if exc.get_error_code() in (lv.VIR_ERR_NO_DOMAIN, lv.VIR_ERR_OPERATION_INVALID):
+                raise GuestGoneError(f"{what}: {exc.get_error_message()}") from None
+            self._check_alive(conn)
+            raise PinError(f"{what}: libvirt refused {call}: {exc.get_error_message()}") from None
+        except UnsafeXmlError as exc:
+            raise PinError(f"{what}: {exc}") from None
 
     def close(self) -> None:
         with self._lock:
