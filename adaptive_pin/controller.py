@@ -37,7 +37,7 @@ from adaptive_pin.model import (
 from adaptive_pin.verify import MoveJournal, VerifySettings
 from collectors.base import Collector
 from collectors.sampler import Sampler
-from policies.base import Policy
+from policies.base import Policy, is_movable
 
 log = logging.getLogger("adaptive_pin.controller")
 
@@ -277,9 +277,10 @@ class Controller:
         now_at = {m.key: m.to_cpus for m in applied}
         held_back = {m.guest_id for m, _ in refused}
         verb = "would migrate" if self.settings.dry_run else "migrate"
+        migrator = self.driver if isinstance(self.driver, MemoryMigrator) else None
         for mm in plan.memory_moves:
             why = self._memory_refusal(mm, snapshot, now_at, held_back)
-            if why is None and not isinstance(self.driver, MemoryMigrator):
+            if why is None and migrator is None:
                 why = f"driver {self.driver.name} cannot migrate memory"
             if why is None:
                 why = self.guard.memory_refusal(mm, snapshot.time, len(done))
@@ -291,10 +292,9 @@ class Controller:
                 "%s %s memory node(s) %s -> %s (gain %.3g): %s",
                 verb, mm.guest_name, mm.from_nodes, mm.to_nodes, mm.predicted_gain, mm.reason,
             )  # fmt: skip
-            if not self.settings.dry_run:
-                assert isinstance(self.driver, MemoryMigrator)
+            if migrator is not None and not self.settings.dry_run:
                 try:
-                    self.driver.migrate_memory(snapshot.guest(mm.guest_id), mm.from_nodes, mm.to_nodes)
+                    migrator.migrate_memory(snapshot.guest(mm.guest_id), mm.from_nodes, mm.to_nodes)
                 except (GuestGoneError, PinError, AdaptivePinError) as exc:
                     errors["memory"] += 1
                     held.append((mm, f"migration failed: {exc}"))
@@ -311,7 +311,7 @@ class Controller:
             g = snapshot.guest(mm.guest_id)
         except KeyError:
             return "no such guest in this snapshot"
-        if not g.pinnability.managed or g.orchestrator_pinned or g.problem:
+        if not is_movable(g):
             return "not a VM this controller may move"
         if g.memory_bound:
             return "memory bound by the VM's own configuration"

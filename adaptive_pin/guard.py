@@ -54,6 +54,12 @@ class _History:
     last_moved: float | None = None
     left: dict[CpuSet, float] = field(default_factory=dict)  # CPU set -> when the vCPU left it
 
+    def moved(self, away_from: CpuSet, now: float, window_s: float) -> None:
+        """It moved now, away from ``away_from``; what it left before ``window_s`` is forgotten."""
+        self.last_moved = now
+        self.left[away_from] = now
+        self.left = {where: t for where, t in self.left.items() if t >= now - window_s}
+
 
 @dataclass(frozen=True)
 class GuardResult:
@@ -169,11 +175,8 @@ class Guard:
     def record_move(self, move: Move, now: float) -> None:
         """Called for every move actually applied (rollbacks included)."""
         h = self._history.setdefault(move.key, _History())
-        h.last_moved = now
-        h.left[move.from_cpus] = now
+        h.moved(move.from_cpus, now, self.settings.return_window_s)
         h.proposed_to, h.proposed_ticks = None, 0
-        horizon = now - self.settings.return_window_s
-        h.left = {cpus: t for cpus, t in h.left.items() if t >= horizon}
 
     def forget(self, live: set[VCpuKey]) -> None:
         """Drop the history of vCPUs whose VM is gone (bounded memory under churn)."""
@@ -201,8 +204,6 @@ class Guard:
         return None
 
     def record_memory_move(self, move: MemoryMove, now: float) -> None:
-        h = self._memory.setdefault(move.guest_id, _History())
-        h.last_moved = now
-        h.left[move.from_nodes] = now
-        horizon = now - self.settings.return_window_s
-        h.left = {nodes: t for nodes, t in h.left.items() if t >= horizon}
+        self._memory.setdefault(move.guest_id, _History()).moved(
+            move.from_nodes, now, self.settings.return_window_s
+        )
