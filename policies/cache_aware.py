@@ -269,7 +269,9 @@ class _World:
         self.dom_pos: list[IntArray] = [np.flatnonzero(self.pu_dom == d) for d in range(self.D)]
         self.dom_node = np.array([int(topo.pu_node[pos[0]]) for pos in self.dom_pos], dtype=np.int64)
         # memory can follow a VM only into a domain within one node (not an SNC LLC over two)
-        self.dom_one_node = np.array([len(set(topo.pu_node[pos].tolist())) == 1 for pos in self.dom_pos])
+        self.dom_follows = (self.dom_node >= 0) & np.array(
+            [len(set(topo.pu_node[pos].tolist())) == 1 for pos in self.dom_pos]
+        )
         self.M = self._contention_scale()
         self.K = self._cohesion_costs()
         self.core_pos: list[IntArray] = [
@@ -284,7 +286,7 @@ class _World:
         self.rho_full = self._remote_costs()
         self.follows = np.array([self._memory_follows(g) for g in self.guests], dtype=bool)
         w = policy.migrated_remote_weight
-        can_follow = self.follows[:, None] & (self.dom_one_node & (self.dom_node >= 0))[None, :]
+        can_follow = self.follows[:, None] & self.dom_follows[None, :]
         self.rho = np.where(can_follow, self.rho_full * w, self.rho_full)
         self.bad: defaultdict[VCpuKey, list[CpuSet]] = defaultdict(list)
         for key, cpus in snapshot.bad_placements:
@@ -361,14 +363,13 @@ class _World:
             rows = self.rows_of[gi]
             # a target lies in its row's domain; a vCPU without one stays in its affinity's
             doms = {r.dom if (g.id, r.vcpu.index) in moved else r.aff_dom for r in rows}
-            if len(rows) != len(g.vcpus) or -1 in doms or not all(self.dom_one_node[d] for d in doms):
+            if len(rows) != len(g.vcpus) or -1 in doms or not all(self.dom_follows[d] for d in doms):
                 continue
             nodes = {int(self.dom_node[d]) for d in doms}
-            if len(nodes) != 1 or min(nodes) < 0:
+            if len(nodes) != 1:
                 continue
             node = min(nodes)
-            dom = min(doms)
-            gain = self.p.t * sum(r.m for r in self.rows_of[gi]) * float(self.rho_full[gi, dom])
+            gain = self.p.t * sum(r.m for r in rows) * float(self.rho_full[gi, min(doms)])
             why = (
                 f"memory of {g.name} to node {node}, where all its vCPUs run: "
                 f"est. {gain:.3g} vCPU-equivalents of remote misses regained"

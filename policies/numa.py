@@ -135,10 +135,11 @@ class NumaPolicy:
                     f" with the most free CPU"
                 )
                 targets.extend(Target(guest, v, cpus, why, 1.0, "initial") for v in vcpus)
-                follow = f"numa: memory follows its vCPUs to node(s) {','.join(map(str, nodes))}"
-                mm = memory_move(guest, CpuSet(nodes), follow, 1.0)
-                if mm is not None and self.migrate_memory:
-                    memory.append(mm)
+                if self.migrate_memory:
+                    follow = f"numa: memory follows its vCPUs to node(s) {','.join(map(str, nodes))}"
+                    mm = memory_move(guest, CpuSet(nodes), follow, 1.0)
+                    if mm is not None:
+                        memory.append(mm)
             new_guests[gid] = entry
         moves = moves_from_targets(targets)
         plan = Plan(policy=self.name, moves=moves, memory_moves=tuple(memory), notes=tuple(notes))
