@@ -60,6 +60,19 @@ class _History:
         self.left[away_from] = now
         self.left = {where: t for where, t in self.left.items() if t >= now - window_s}
 
+    # The state file's form of it (a vCPU's and a VM's memory alike; the hold streak is not kept).
+    def export(self) -> dict[str, object]:
+        return {"last_moved": self.last_moved, "left": {where.to_list(): t for where, t in self.left.items()}}
+
+    @classmethod
+    def imported(cls, entry: dict[str, object]) -> _History:
+        last = entry.get("last_moved")
+        left = entry.get("left", {})
+        h = cls(last_moved=float(last) if isinstance(last, int | float) else None)
+        if isinstance(left, dict):
+            h.left = {CpuSet.parse(k): float(v) for k, v in left.items()}
+        return h
+
 
 @dataclass(frozen=True)
 class GuardResult:
@@ -76,24 +89,23 @@ class Guard:
 
     # --- persistence (the daemon's state file) --------------------------------------
     def export_state(self) -> dict[str, dict[str, object]]:
+        """The vCPU history, by ``<guest id>/<vCPU>``."""
         return {
-            f"{key[0]}/{key[1]}": {
-                "last_moved": h.last_moved,
-                "left": {cpus.to_list(): t for cpus, t in h.left.items()},
-            }
-            for key, h in self._history.items()
-            if h.last_moved is not None
+            f"{gid}/{idx}": h.export() for (gid, idx), h in self._history.items() if h.last_moved is not None
         }
 
     def import_state(self, data: dict[str, dict[str, object]]) -> None:
         for name, entry in data.items():
             gid, _, idx = name.rpartition("/")
-            last = entry.get("last_moved")
-            left = entry.get("left", {})
-            h = _History(last_moved=float(last) if isinstance(last, int | float) else None)
-            if isinstance(left, dict):
-                h.left = {CpuSet.parse(k): float(v) for k, v in left.items()}
-            self._history[(gid, int(idx))] = h
+            self._history[(gid, int(idx))] = _History.imported(entry)
+
+    def export_memory_state(self) -> dict[str, dict[str, object]]:
+        """The memory-migration history, by guest id (nodes as a node list)."""
+        return {gid: h.export() for gid, h in self._memory.items() if h.last_moved is not None}
+
+    def import_memory_state(self, data: dict[str, dict[str, object]]) -> None:
+        for gid, entry in data.items():
+            self._memory[gid] = _History.imported(entry)
 
     # --- the check ------------------------------------------------------------------
     def filter(self, plan: Plan, snapshot: Snapshot, *, one_shot: bool = False) -> GuardResult:

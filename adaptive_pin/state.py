@@ -7,6 +7,7 @@ JSON, versioned, one host's::
      "original_affinity": {"<guest id>": {"<vCPU>": "<cpulist>"}},
      "placement": {"<guest id>": {"<vCPU>": "<cpulist>"}},
      "guard": {...Guard.export_state(), times as unix time...},
+     "guard_memory": {"<guest id>": {"last_moved": <t>, "left": {"<node list>": <t>}}},
      "bad_placements": {...MoveJournal.export_state(), times as unix time...},
      "policy": {"name": "<policy>", "state": <its JSON state>}}
 
@@ -20,6 +21,12 @@ believe over what the hypervisor says now.
 Times: the guard and the journal keep ``controller.clock()`` (monotonic) seconds, which mean
 nothing after a reboot. The file holds unix time; :func:`capture` and :func:`restore` convert.
 Original affinities and placements name threads, so they are dropped when the boot id differs.
+
+Every section after the header is optional (read as empty when absent) and a section a reader
+does not know is ignored, so adding one keeps the version: ``guard_memory`` came later, and a
+file from before it loads with no memory history, while the release before reads a newer file
+minus that section instead of moving it all aside as "newer". The version goes up only when
+an existing section changes meaning.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ class State:
     original_affinity: Affinities = field(default_factory=dict)
     placement: Affinities = field(default_factory=dict)
     guard: Mapping[str, Any] = field(default_factory=dict)  # Guard.export_state(), unix times
+    guard_memory: Mapping[str, Any] = field(default_factory=dict)  # Guard.export_memory_state(), same
     bad_placements: Mapping[str, float] = field(default_factory=dict)  # journal's, unix times
     policy_name: str | None = None
     policy_state: Any = None  # JSON value (policies.base state rule)
@@ -114,6 +122,7 @@ def _to_json(state: State) -> bytes:
         "original_affinity": _encode_affinities(state.original_affinity),
         "placement": _encode_affinities(state.placement),
         "guard": state.guard,
+        "guard_memory": state.guard_memory,
         "bad_placements": state.bad_placements,
         "policy": {"name": state.policy_name, "state": state.policy_state},
     }
@@ -170,17 +179,32 @@ def _check_vcpu_name(name: str, where: str) -> None:
     _vcpu_index(idx, where)
 
 
+def _decode_history(entry: object, where: str) -> dict[str, Any]:
+    """One guard history: when it last moved, and the CPU sets (or nodes) it left, when."""
+    e = _dict(entry, where)
+    last = e.get("last_moved")
+    left = {
+        _cpus(cpus, f"{where}.left").to_list(): _time(t, f"{where}.left")
+        for cpus, t in _dict(e.get("left", {}), f"{where}.left").items()
+    }
+    return {"last_moved": None if last is None else _time(last, where), "left": left}
+
+
 def _decode_guard(value: object) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, entry in _dict(value, "guard").items():
         _check_vcpu_name(name, "guard")
-        e = _dict(entry, f"guard.{name}")
-        last = e.get("last_moved")
-        left = {
-            _cpus(cpus, f"guard.{name}.left").to_list(): _time(t, f"guard.{name}.left")
-            for cpus, t in _dict(e.get("left", {}), f"guard.{name}.left").items()
-        }
-        out[name] = {"last_moved": None if last is None else _time(last, f"guard.{name}"), "left": left}
+        out[name] = _decode_history(entry, f"guard.{name}")
+    return out
+
+
+def _decode_guard_memory(value: object) -> dict[str, Any]:
+    """By guest id: any non-empty string (a UUID, ``pid:<pid>``), no vCPU index."""
+    out: dict[str, Any] = {}
+    for gid, entry in _dict(value, "guard_memory").items():
+        if not gid:
+            raise _InvalidError("guard_memory: an empty guest id")
+        out[gid] = _decode_history(entry, f"guard_memory.{gid}")
     return out
 
 
@@ -227,6 +251,7 @@ def _from_json(data: bytes, expected_host: str) -> State:
         original_affinity=_decode_affinities(doc.get("original_affinity", {}), "original_affinity"),
         placement=_decode_affinities(doc.get("placement", {}), "placement"),
         guard=_decode_guard(doc.get("guard", {})),
+        guard_memory=_decode_guard_memory(doc.get("guard_memory", {})),
         bad_placements=_decode_bad(doc.get("bad_placements", {})),
         policy_name=name,
         policy_state=policy.get("state"),
@@ -347,6 +372,7 @@ def capture(controller: Any, placement: Affinities, *, host: str | None = None) 
         original_affinity=dict(controller.original_affinity),
         placement=dict(placement),
         guard=_shift_guard(controller.guard.export_state(), offset),
+        guard_memory=_shift_guard(controller.guard.export_memory_state(), offset),
         bad_placements={k: t + offset for k, t in controller.journal.export_state().items()},
         policy_name=controller.policy.name,
         policy_state=controller.policy_state,
@@ -358,6 +384,7 @@ def restore(controller: Any, state: State) -> list[str]:
     notes: list[str] = []
     offset = controller.clock() - time.time()
     controller.guard.import_state(_shift_guard(state.guard, offset))
+    controller.guard.import_memory_state(_shift_guard(state.guard_memory, offset))
     controller.journal.import_state({k: t + offset for k, t in state.bad_placements.items()})
     if state.boot_id and state.boot_id == boot_id():
         controller.original_affinity.update(state.original_affinity)

@@ -9,6 +9,7 @@ from adaptive_pin.guard import Guard, GuardSettings
 from adaptive_pin.model import (
     CpuSet,
     Guest,
+    MemoryMove,
     Move,
     Pinnability,
     PinSource,
@@ -114,3 +115,17 @@ def test_state_round_trip_keeps_cooldowns(topo: Topology) -> None:
     g2.import_state(g.export_state())
     assert "cooling down" in g2.filter(_plan(_move("3", frm="2")), _snap(topo, 20)).refused[0][1]
     assert "would move back" in g2.filter(_plan(_move("4", frm="2")), _snap(topo, 100)).refused[0][1]
+
+
+def test_memory_state_round_trip_keeps_cooldown_and_return_window() -> None:
+    g = Guard(GuardSettings(cooldown_s=60, return_window_s=300))
+    there = MemoryMove("pid:7", "vm", CpuSet.of(0), CpuSet.of(1), "", 1.0)
+    back = MemoryMove("pid:7", "vm", CpuSet.of(1), CpuSet.of(0), "", 1.0)
+    g.record_memory_move(there, 10)
+    assert g.export_memory_state() == {"pid:7": {"last_moved": 10, "left": {"0": 10}}}
+    assert g.export_state() == {}  # the vCPU history is apart: no "<guest>/<vcpu>" for memory
+    g2 = Guard(GuardSettings(cooldown_s=60, return_window_s=300))
+    g2.import_memory_state(g.export_memory_state())
+    assert "cooldown" in (g2.memory_refusal(there, 20, used=0) or "")
+    assert "back" in (g2.memory_refusal(back, 100, used=0) or "")
+    assert g2.memory_refusal(back, 311, used=0) is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from adaptive_pin.guard import Guard, GuardSettings
 from adaptive_pin.model import CPU_TIME, CYCLES, CpuSet, MemoryMove, Plan, Snapshot
 from adaptive_pin.sim.host import SimHost
 from adaptive_pin.sim.scenario import loads_scenario
+from adaptive_pin.state import capture, load_state, restore, save_state
 from collectors.sim import SimCollector
 from policies.cache_aware import CacheAwarePolicy
 from policies.numa import NumaPolicy
@@ -255,14 +257,16 @@ class _MemoryOnly:
         return Plan(self.name, memory_moves=(mm,)), state
 
 
-def _controller(host: SimHost, node: int, **settings: object) -> Controller:
+def _controller(
+    host: SimHost, node: int, clock: Callable[[], float] | None = None, **settings: object
+) -> Controller:
     return Controller(
         driver=SimDriver(host=host, realtime=False),
         collectors=[SimCollector(host)],
         policy=_MemoryOnly(node),
         topology=host.topology,
         settings=ControllerSettings(**settings),  # type: ignore[arg-type]
-        clock=lambda: host.now,
+        clock=clock or (lambda: host.now),
     )
 
 
@@ -284,6 +288,42 @@ def test_controller_migrates_only_a_vm_whose_vcpus_all_run_on_the_target_node() 
     report = ctl.tick()  # proposed again at once: the cooldown holds it
     assert "cooldown" in report.memory_refused[0][1]
     assert host.memory_migrations == 1
+
+
+def test_a_restarted_controller_remembers_the_memory_migration(tmp_path: Path) -> None:
+    """The daemon restarts right after a memory migration: the state file carries the guard's
+    memory history, so the fresh controller neither migrates again within the cooldown nor
+    sends the memory back to the node it left within the return window."""
+    host = _sim()
+    vm = host.vms["loose"]
+    home = min(vm.home_nodes or CpuSet.of(0))
+    other = 1 - home
+    _pin_vm(host, "loose", host.topology.numa_nodes[other].cpus - CpuSet.of(0, 16))
+    host.step()
+    ctl = _controller(host, other)
+    assert [m.to_nodes for m in ctl.tick().memory_applied] == [CpuSet.of(other)]
+    path = tmp_path / "state.json"
+    save_state(path, capture(ctl, {}, host="host"))
+    saved = load_state(path, "host")
+    assert saved is not None
+
+    elapsed = [0.0]  # seconds since the restart, as the fresh controller's clock counts them
+    fresh = _controller(host, other, clock=lambda: host.now + elapsed[0])
+    assert restore(fresh, saved) == []
+    host.step()
+    assert "cooldown" in fresh.tick().memory_refused[0][1]
+    # The copy done, the vCPUs go home; after the cooldown the memory may not follow them yet.
+    while vm.migrating_to is not None:
+        host.step()
+    _pin_vm(host, "loose", host.topology.numa_nodes[home].cpus - CpuSet.of(0, 16))
+    host.step()
+    fresh.policy = _MemoryOnly(home)
+    elapsed[0] = 100.0
+    assert f"back to node(s) {home} " in fresh.tick().memory_refused[0][1]
+    assert host.memory_migrations == 1
+    elapsed[0] = 400.0
+    assert [m.to_nodes for m in fresh.tick().memory_applied] == [CpuSet.of(home)]
+    assert host.memory_migrations == 2
 
 
 def test_dry_run_and_a_zero_budget_migrate_nothing() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from adaptive_pin.guard import Guard, GuardSettings
-from adaptive_pin.model import CpuSet, Move
+from adaptive_pin.model import CpuSet, MemoryMove, Move
 from adaptive_pin.state import (
     FORMAT,
     VERSION,
@@ -48,6 +48,10 @@ def sample_state(**changes: Any) -> State:
             ("pid:77", 0): CpuSet.parse("4-5"),
         },
         guard={"uuid-a/0": {"last_moved": 1_763_999_990.0, "left": {"0-7": 1_763_999_990.0}}},
+        guard_memory={
+            "uuid-a": {"last_moved": 1_763_999_980.0, "left": {"0": 1_763_999_980.0}},
+            "pid:77": {"last_moved": 1_763_999_900.0, "left": {"0-2": 1_763_999_700.0, "2": 1_763_999_900.0}},
+        },
         bad_placements={"uuid-a/1|6": 1_764_000_900.0},
         policy_name="cache-aware",
         policy_state={"version": 1, "streaks": {"uuid-a/0": 3}},
@@ -68,6 +72,7 @@ def test_round_trip(tmp_path: Path) -> None:
     doc = json.loads(path.read_text())
     assert (doc["format"], doc["version"], doc["host_id"]) == (FORMAT, VERSION, HOST)
     assert doc["original_affinity"] == {"uuid-a": {"0": "0-7", "1": "0-7"}}
+    assert doc["guard_memory"]["pid:77"]["left"] == {"0-2": 1_763_999_700.0, "2": 1_763_999_900.0}
 
 
 def test_no_file_is_no_state_and_no_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -144,6 +149,38 @@ UNTRUSTED = [
     pytest.param(_doc(guard={"nokey": {}}), "is not <guest>/<vcpu>", id="bad-guard-key"),
     pytest.param(_doc(guard={"a/0": {"last_moved": "soon"}}), "not a time", id="bad-guard-time"),
     pytest.param(_doc(bad_placements={"a/0": 5}), "is not <guest>/<vcpu>|<cpulist>", id="bad-placement"),
+    pytest.param(_doc(guard_memory=["uuid-a"]), "guard_memory: not an object", id="memory-not-object"),
+    pytest.param(_doc(guard_memory={"": {}}), "guard_memory: an empty guest id", id="memory-empty-guest"),
+    pytest.param(_doc(guard_memory={"a": 5}), "guard_memory.a: not an object", id="memory-entry-type"),
+    pytest.param(
+        _doc(guard_memory={"a": {"left": {"1-0": 1.0}}}), "guard_memory.a.left: ", id="memory-bad-nodes"
+    ),
+    pytest.param(
+        _doc(guard_memory={"a": {"left": {"node0": 1.0}}}), "guard_memory.a.left: ", id="memory-nodes-text"
+    ),
+    pytest.param(
+        _doc(guard_memory={"a": {"left": ["0"]}}), "guard_memory.a.left: not an object", id="memory-left-type"
+    ),
+    pytest.param(
+        _doc(guard_memory={"a": {"last_moved": "soon"}}), "guard_memory.a: not a time", id="memory-time-text"
+    ),
+    pytest.param(
+        _doc(guard_memory={"a": {"last_moved": True}}), "guard_memory.a: not a time", id="memory-time-bool"
+    ),
+    pytest.param(
+        _doc(guard_memory={"a": {"left": {"0": [1.0]}}}),
+        "guard_memory.a.left: not a time",
+        id="memory-left-time",
+    ),
+    pytest.param(_doc(guard_memory={"a": {"last_moved": float("nan")}}), "NaN is not JSON", id="memory-nan"),
+    pytest.param(
+        _doc(guard_memory={"a": {"left": {"0": float("-inf")}}}), "-Infinity is not JSON", id="memory-inf"
+    ),
+    pytest.param(  # too large for a float: json reads inf, not a constant
+        _doc(guard_memory={"a": {"last_moved": 1.5}}).replace(b"1.5", b"1e999"),
+        "guard_memory.a: not a time",
+        id="memory-overflow",
+    ),
     pytest.param(_doc(saved_at=float("nan")), "NaN is not JSON", id="nan"),
     pytest.param(b"[" * 100_000, "nested too deeply", id="deep"),
 ]
@@ -244,6 +281,78 @@ def test_restore_drops_what_does_not_apply() -> None:
     ctl = fake_controller(now=0.0)
     assert restore(ctl, same_boot) == []
     assert ctl.original_affinity == dict(same_boot.original_affinity)
+
+
+THERE = MemoryMove("uuid-a", "vm-a", CpuSet.of(0), CpuSet.of(1), "", 1.0)
+BACK = MemoryMove("uuid-a", "vm-a", CpuSet.of(1), CpuSet.of(0), "", 1.0)
+
+
+def _restarted(old: SimpleNamespace, path: Path, now: float) -> SimpleNamespace:
+    """``old``'s state through the file into a fresh controller whose clock reads ``now``."""
+    save_state(path, capture(old, {}, host=HOST))
+    loaded = load_state(path, HOST)
+    assert loaded is not None
+    new = fake_controller(now=now)
+    assert restore(new, loaded) == []
+    return new
+
+
+def test_memory_history_survives_a_restart(tmp_path: Path) -> None:
+    old = fake_controller(now=1000.0)
+    assert old.guard.memory_refusal(THERE, 990.0, used=0) is None
+    old.guard.record_memory_move(THERE, 990.0)  # node 0 -> 1, 10 s ago on the old clock
+    new = _restarted(old, tmp_path / "s.json", now=50.0)  # another clock origin: moved at ~40
+    guard = new.guard  # defaults: cooldown 60 s, return window 300 s
+    assert "cooldown" in (guard.memory_refusal(THERE, 50.0, used=0) or "")
+    assert "cooldown" in (guard.memory_refusal(BACK, 50.0, used=0) or "")
+    # Past the cooldown: the same way is allowed again, back to node 0 is not until the window ends.
+    assert guard.memory_refusal(THERE, 140.0, used=0) is None
+    assert "back to node(s) 0 " in (guard.memory_refusal(BACK, 140.0, used=0) or "")
+    assert guard.memory_refusal(BACK, 400.0, used=0) is None
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["guard_memory"]["uuid-a"]["last_moved"] == pytest.approx(time.time() - 10, abs=5)
+    assert list(doc["guard_memory"]["uuid-a"]["left"]) == ["0"]
+
+
+def test_a_file_of_the_previous_version_loads_with_no_memory_history(tmp_path: Path) -> None:
+    # As the previous adaptive-pin wrote it: the same version, no "guard_memory".
+    previous = {
+        "format": FORMAT,
+        "version": 1,
+        "host_id": HOST,
+        "boot_id": "b-1",
+        "saved_at": 1_764_000_000.5,
+        "original_affinity": {"uuid-a": {"0": "0-7"}},
+        "placement": {"uuid-a": {"0": "2"}},
+        "guard": {"uuid-a/0": {"last_moved": 1_763_999_990.0, "left": {"0-7": 1_763_999_990.0}}},
+        "bad_placements": {},
+        "policy": {"name": "cache-aware", "state": None},
+    }
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps(previous))
+    loaded = load_state(path, HOST)
+    assert loaded is not None and path.exists()  # trusted, not moved aside
+    assert loaded.guard_memory == {}
+    assert loaded.guard == previous["guard"]
+    ctl = fake_controller(now=0.0)
+    restore(ctl, loaded)
+    assert ctl.guard.export_memory_state() == {}
+    assert ctl.guard.memory_refusal(THERE, 0.0, used=0) is None
+    assert ctl.guard.export_state().keys() == {"uuid-a/0"}
+
+
+def test_a_departed_vms_memory_history_is_forgotten_and_not_written(tmp_path: Path) -> None:
+    old = fake_controller(now=1000.0)
+    gone = MemoryMove("pid:77", "vm-b", CpuSet.of(1), CpuSet.of(0), "", 1.0)
+    old.guard.record_memory_move(THERE, 990.0)
+    old.guard.record_memory_move(gone, 990.0)
+    old.guard.forget({("uuid-a", 0)})  # pid:77 is no longer running
+    new = _restarted(old, tmp_path / "s.json", now=1000.0)
+    assert json.loads((tmp_path / "s.json").read_text())["guard_memory"].keys() == {"uuid-a"}
+    assert new.guard.export_memory_state().keys() == {"uuid-a"}
+    assert "cooldown" in (new.guard.memory_refusal(THERE, 1000.0, used=0) or "")
+    back_again = MemoryMove("pid:77", "vm-b", CpuSet.of(0), CpuSet.of(1), "", 1.0)
+    assert new.guard.memory_refusal(back_again, 1000.0, used=0) is None
 
 
 def test_move_aside_failure_still_distrusts(

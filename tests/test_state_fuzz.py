@@ -43,15 +43,15 @@ affinities = st.dictionaries(
     st.text(max_size=6),
     st.dictionaries(st.one_of(st.sampled_from(["0", "1", "17"]), st.text(max_size=3)), cpulists),
 )
-guard = st.dictionaries(
-    vcpu_names,
-    st.one_of(
-        st.fixed_dictionaries(
-            {"last_moved": st.one_of(st.none(), times), "left": st.dictionaries(cpulists, times)}
-        ),
-        json_values,
+histories = st.one_of(
+    st.fixed_dictionaries(
+        {"last_moved": st.one_of(st.none(), times), "left": st.dictionaries(cpulists, times)}
     ),
+    json_values,
 )
+guard = st.dictionaries(vcpu_names, histories)
+guest_ids = st.one_of(st.sampled_from(["uuid-b", "pid:7", "a/0", ""]), st.text(max_size=5))
+guard_memory = st.dictionaries(guest_ids, histories)
 bad = st.dictionaries(st.builds(lambda v, c: f"{v}|{c}", vcpu_names, cpulists), times)
 documents = st.fixed_dictionaries(
     {
@@ -65,6 +65,7 @@ documents = st.fixed_dictionaries(
         "original_affinity": st.one_of(affinities, json_values),
         "placement": st.one_of(affinities, json_values),
         "guard": st.one_of(guard, json_values),
+        "guard_memory": st.one_of(guard_memory, json_values),
         "bad_placements": st.one_of(bad, json_values),
         "policy": st.one_of(
             st.fixed_dictionaries(
@@ -86,7 +87,9 @@ def _check(content: bytes) -> None:
             return
         assert isinstance(result, State)
         # Trusted means usable: the importers must not choke on it.
-        Guard(GuardSettings()).import_state(dict(result.guard))
+        g = Guard(GuardSettings())
+        g.import_state(dict(result.guard))
+        g.import_memory_state(dict(result.guard_memory))
         MoveJournal(VerifySettings()).import_state(dict(result.bad_placements))
 
 
