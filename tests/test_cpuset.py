@@ -151,6 +151,19 @@ def test_immutable_and_negative_rejected() -> None:
         CpuSet().first()
 
 
+def test_elements_are_plain_ints_whatever_the_input() -> None:
+    import json
+
+    import numpy as np
+
+    for cpus in (np.arange(3), [np.int32(0), 1, np.int64(2)], ["0", "1", "2"], range(3)):
+        s = CpuSet(cpus)
+        assert s == CpuSet.of(0, 1, 2)
+        assert {type(c) for c in s} == {int}
+        assert json.dumps(sorted(s)) == "[0, 1, 2]"
+    assert {type(c) for c in CpuSet([True, 2])} == {int}
+
+
 def test_pickle_and_copy_round_trip() -> None:
     s = CpuSet.parse("0-3,8")
     assert pickle.loads(pickle.dumps(s)) == s

@@ -85,6 +85,15 @@ def test_last_cpu_and_threads_of_this_process() -> None:
     assert found.tids == {} and found.problem is not None and "debug-threads" in found.problem
 
 
+def test_vcpus_with_one_affinity_share_one_cpuset() -> None:
+    pid = os.getpid()
+    a, b = _threads.read_vcpu(0, pid, pid), _threads.read_vcpu(1, pid, pid)
+    assert a.affinity == CpuSet(os.sched_getaffinity(0))
+    assert a.affinity is b.affinity  # looked up by identity downstream, built once
+    other = _threads.interned_affinity({0})
+    assert other == CpuSet.of(0) and other is _threads.interned_affinity({0})
+
+
 def test_last_cpu_and_names_survive_odd_comm_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """comm may hold ')' and bytes that are not UTF-8: field 39 is still found, the name still read."""
     task = tmp_path / "10/task/11"

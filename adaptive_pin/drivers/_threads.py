@@ -82,10 +82,27 @@ def last_cpu(pid: int, tid: int) -> int | None:
         return None
 
 
+# A host's vCPUs share a handful of affinities (everywhere, one LLC, one core): each is one
+# CpuSet object, so a 512-CPU set is not rebuilt per vCPU per tick, and the policy's lookups
+# by affinity match on identity instead of comparing every CPU.
+_AFFINITIES: dict[frozenset[int], CpuSet] = {}
+_AFFINITIES_MAX = 4096
+
+
+def interned_affinity(cpus: set[int]) -> CpuSet:
+    key = frozenset(cpus)
+    found = _AFFINITIES.get(key)
+    if found is None:
+        if len(_AFFINITIES) >= _AFFINITIES_MAX:
+            _AFFINITIES.clear()
+        found = _AFFINITIES[key] = CpuSet(key)
+    return found
+
+
 def read_vcpu(index: int, pid: int, tid: int) -> VCpu:
     """A vCPU's current affinity and last CPU; GuestGoneError when its thread vanished."""
     try:
-        affinity = CpuSet(os.sched_getaffinity(tid))
+        affinity = interned_affinity(os.sched_getaffinity(tid))
     except ProcessLookupError:
         raise GuestGoneError(f"vCPU {index} thread {tid} of process {pid} exited") from None
     return VCpu(index=index, tid=tid, affinity=affinity, last_cpu=last_cpu(pid, tid))
