@@ -107,7 +107,7 @@ IMPROVE_ROUNDS = 2  # passes over the newly placed VMs after the greedy placemen
 INF = math.inf
 
 
-@dataclass
+@dataclass(slots=True)
 class _VCpuRow:
     guest: Guest
     gi: int
@@ -265,6 +265,7 @@ class _World:
         self.holders: set[int] = set()  # guests holding whole cores
         self._wanted_cache: dict[tuple[int, int], CpuSet] = {}
         self._cap: FloatArray | None = None
+        self._lc_now: FloatArray | None = None  # _load_cost(agg.L), until L or capacity changes
         self._cores: FloatArray | None = None
         self.dom_pos: list[IntArray] = [np.flatnonzero(self.pu_dom == d) for d in range(self.D)]
         self.dom_node = np.array([int(topo.pu_node[pos[0]]) for pos in self.dom_pos], dtype=np.int64)
@@ -611,15 +612,8 @@ class _World:
         comparable, and equal for a VM already whole in d.
         """
         a, t, sig = self.agg, self.p.t, self.p.sharing
-        n, nd = len(vms), self.D
         g = np.asarray(vms, dtype=np.int64)
-        own_p, own_w, own_u, own_n = (np.zeros((n, nd)) for _ in range(4))
-        for i, gi in enumerate(vms):
-            for r in by_vm[gi]:
-                own_p[i, r.dom] += r.m
-                own_w[i, r.dom] += r.w * r.m
-                own_u[i, r.dom] += r.u
-                own_n[i, r.dom] += 1
+        own_p, own_w, own_u, own_n = self._vm_sums(vms, by_vm)
         bm, bw, bu = own_p.sum(axis=1), own_w.sum(axis=1), own_u.sum(axis=1)
         foreign_p, foreign_w = a.P[None, :] - a.PG[g], a.W[None, :] - a.WG[g]
         ku_own, kp_own = own_u @ self.K, own_p @ self.K
@@ -649,6 +643,27 @@ class _World:
         )
         return now, cost, cohesion
 
+    def _vm_sums(
+        self, vms: Sequence[int], by_vm: Mapping[int, Sequence[_VCpuRow]]
+    ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+        """Per VM (rows) and domain: its rows' misses/s, sensitivity-weighted misses/s, demand
+        and count, in one pass over the rows."""
+        rows = [r for gi in vms for r in by_vm[gi]]
+        n, nr = len(vms), len(rows)
+        sizes = np.fromiter((len(by_vm[gi]) for gi in vms), dtype=np.int64, count=n)
+        dom = np.fromiter((r.dom for r in rows), dtype=np.int64, count=nr)
+        cell = np.repeat(np.arange(n, dtype=np.int64), sizes) * self.D + dom
+        m = np.fromiter((r.m for r in rows), dtype=np.float64, count=nr)
+        w = np.fromiter((r.w for r in rows), dtype=np.float64, count=nr)
+        u = np.fromiter((r.u for r in rows), dtype=np.float64, count=nr)
+        size, shape = n * self.D, (n, self.D)
+
+        def per_cell(weights: FloatArray | None) -> FloatArray:
+            out: FloatArray = np.bincount(cell, weights=weights, minlength=size).astype(np.float64)
+            return out.reshape(shape)
+
+        return per_cell(m), per_cell(w * m), per_cell(u), per_cell(None)
+
     def _improvable(self, vms: list[int], by_vm: Mapping[int, Sequence[_VCpuRow]]) -> list[int]:
         """The VMs that a whole move seems to help, largest estimated gain first, by one
         vectorised look at all of them."""
@@ -666,22 +681,6 @@ class _World:
         best = int(np.argmin(np.round(cost[0], 12)))
         return best, float(now[0] - cost[0, best]), float(cohesion[0])
 
-    def _shift(self, gi: int, rows: Sequence[_VCpuRow], d: int, sign: float) -> None:
-        """Add (sign 1) or take out (-1) one VM's rows in domain d, as one batch."""
-        a = self.agg
-        m = sign * sum(r.m for r in rows)
-        wm = sign * sum(r.w * r.m for r in rows)
-        u = sign * sum(r.u for r in rows)
-        a.P[d] += m
-        a.PG[gi, d] += m
-        a.W[d] += wm
-        a.WG[gi, d] += wm
-        a.UG[gi, d] += u
-        if gi not in self.holders:
-            a.L[d] += u
-        a.KU[gi] = a.UG[gi] @ self.K
-        a.KP[gi] = a.PG[gi] @ self.K
-
     def _add(self, agg: _Aggregates, r: _VCpuRow, d: int, sign: float, refresh: bool = True) -> None:
         agg.P[d] += sign * r.m
         agg.PG[r.gi, d] += sign * r.m
@@ -690,6 +689,7 @@ class _World:
         agg.UG[r.gi, d] += sign * r.u
         if r.gi not in self.holders and not r.off_cap:
             agg.L[d] += sign * r.u
+            self._lc_now = None
         if refresh:
             agg.KU[r.gi] = agg.UG[r.gi] @ self.K
             agg.KP[r.gi] = agg.PG[r.gi] @ self.K
@@ -699,6 +699,7 @@ class _World:
         self.holders.add(gi)
         self._cap = None
         self._cores = None
+        self._lc_now = None
 
     def cores(self) -> FloatArray:
         """Cores per domain with at least one usable PU that no whole_cores VM holds."""
@@ -726,6 +727,12 @@ class _World:
         if smt:
             out = out + SMT_PAIR_LOSS * np.maximum(0.0, np.minimum(load, cap) - self.cores())
         return out
+
+    def _load_cost_now(self) -> FloatArray:
+        """The load cost of every domain as it is now (read once per VM by the greedy placement)."""
+        if self._lc_now is None:
+            self._lc_now = self._load_cost(self.agg.L)
+        return self._lc_now
 
     def capacity(self) -> FloatArray:
         """Usable PUs per domain that no whole_cores VM holds."""
@@ -800,6 +807,8 @@ class _World:
         """Costs with domains a row may not go to set to +inf (no room for it, rolled back there)."""
         open_dom = self.capacity() > 0
         out = np.where(open_dom[None, :], costs, INF)
+        if not self.holders and not self.bad:
+            return out
         for i, r in enumerate(rows):
             if r.gi in self.holders:
                 out[i] = [c if self._fits(r, d) else INF for d, c in enumerate(costs[i])]
@@ -859,17 +868,24 @@ class _World:
         p_batch = sum(r.m for r in rows)
         w_batch = sum(r.w * r.m for r in rows)
         u_batch = sum(r.u for r in rows if not r.whole)
-        contention = t * (w_batch * (a.P - a.PG[gi]) + p_batch * (a.W - a.WG[gi])) / self.M
-        cohesion = self.p.sharing * t * (p_batch * a.KU[gi] + u_batch * a.KP[gi]) / a.UT[gi]
         remote = t * p_batch * self.rho[gi]
-        overload = self._load_cost(a.L + u_batch) - self._load_cost(a.L)
-        scores: FloatArray = contention + cohesion + remote + overload
+        overload = self._load_cost(a.L + u_batch) - self._load_cost_now()
+        if a.UG[gi].any() or a.PG[gi].any():
+            contention = t * (w_batch * (a.P - a.PG[gi]) + p_batch * (a.W - a.WG[gi])) / self.M
+            cohesion = self.p.sharing * t * (p_batch * a.KU[gi] + u_batch * a.KP[gi]) / a.UT[gi]
+            scores: FloatArray = contention + cohesion + remote + overload
+        else:  # nothing of it placed yet (the cold case): no siblings, no own share to take out
+            scores = t * (w_batch * a.P + p_batch * a.W) / self.M + remote + overload
         masked: FloatArray = self._mask(rows[:1], scores[None, :])[0]
         return masked
 
     def _best_domain(self, scores: FloatArray, free: FloatArray) -> int:
         # lowest cost; among equals the most free capacity, then the lowest index
-        order = np.lexsort((np.arange(self.D), -free, np.round(scores, 12)))
+        rounded = np.round(scores, 12)
+        best = int(np.argmin(rounded))
+        if np.count_nonzero(rounded == rounded[best]) == 1:
+            return best
+        order = np.lexsort((np.arange(self.D), -free, rounded))
         return int(order[0])
 
     def _place_vm(self, gi: int, rows: list[_VCpuRow]) -> list[_VCpuRow]:
@@ -1187,14 +1203,14 @@ class _World:
 
         # Per-VM sums do not change as VMs swap (swapped VMs leave the pool): computed once.
         all_h = np.array([by_vm[gi][0].dom for gi in pool], dtype=np.int64)
-        all_bm = np.array([sum(r.m for r in by_vm[gi]) for gi in pool])
-        all_bw = np.array([sum(r.w * r.m for r in by_vm[gi]) for gi in pool])
-        all_bu = np.array([sum(r.u for r in by_vm[gi]) for gi in pool])
-        all_size = np.array([len(by_vm[gi]) for gi in pool])
+        own_p, own_w, own_u, own_n = self._vm_sums(pool, by_vm)
+        all_bm, all_bw, all_bu = own_p.sum(axis=1), own_w.sum(axis=1), own_u.sum(axis=1)
+        all_size = own_n.sum(axis=1)
         all_mask = self._mask([by_vm[gi][0] for gi in pool], np.zeros((len(pool), len(self.M))))
         alive = list(range(len(pool)))
         while len(alive) >= 2 and used < budget:
             sel = np.asarray(alive, dtype=np.intp)
+            lc_now = self._load_cost(a.L)  # per domain, for every pair's load cost before
             live = [pool[q] for q in alive]
             n = len(live)
             g = np.asarray(live, dtype=np.int64)
@@ -1218,7 +1234,7 @@ class _World:
             li, lj = a.L[hi], a.L[hj]
             du = bu[None, :] - bu[first][:, None]  # load change in the first's domain
             new_i, new_j = li + du, lj - du
-            load = lc(new_i, hi) + lc(new_j, hj) - lc(li, hi) - lc(lj, hj)
+            load = lc(new_i, hi) + lc(new_j, hj) - lc_now[hi] - lc_now[hj]
             with np.errstate(invalid="ignore"):  # a VM where it may not stay: inf - inf
                 gain = before - after - load
             ok = (
@@ -1253,7 +1269,7 @@ class _World:
                 self._swap_pair(by_vm, gi, gj, di, dj, float(gain[fi, j]), kind, pressure)
                 used += moved
                 gone.update((gi, gj))
-                touched = np.isin(h, (di, dj))
+                touched = (h == di) | (h == dj)
                 score[touched[first], :] = -INF
                 score[:, touched] = -INF
             alive = [q for q in alive if pool[q] not in gone]
@@ -1361,19 +1377,20 @@ class _World:
         for r, gain in zip(placed, gains.tolist(), strict=True):
             total[r.gi] += gain
             count[r.gi] += 1
-        texts: dict[int, str] = {}
+        texts: dict[tuple[int, int], str] = {}  # one reason per VM and domain, not per vCPU
         for r in placed:
             gain = total[r.gi] / count[r.gi]
             if r.gi in self.home:
                 gain = max(gain, self.p.min_gain)
             r.gain = gain
-            if r.gi not in texts:
-                texts[r.gi] = self._vm_miss_text(r.gi)
-            r.why = (
-                f"first placement of {r.guest.name} in {self._dom_name(r.dom)}"
-                f"{' on whole cores' if r.whole else ''} (VM {texts[r.gi]}): est. "
-                f"{gain:.3f} vCPU-equivalents regained vs. floating"
-            )
+            why = texts.get((r.gi, r.dom))
+            if why is None:
+                why = texts[r.gi, r.dom] = (
+                    f"first placement of {r.guest.name} in {self._dom_name(r.dom)}"
+                    f"{' on whole cores' if r.whole else ''} (VM {self._vm_miss_text(r.gi)}): est. "
+                    f"{gain:.3f} vCPU-equivalents regained vs. floating"
+                )
+            r.why = why
 
     def _vm_miss_text(self, gi: int) -> str:
         if self.pmu:
