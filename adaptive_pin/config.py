@@ -472,7 +472,13 @@ SECTIONS: tuple[Section, ...] = (
                 Number(1, integer=True),
                 "A move must be proposed this many consecutive ticks before it happens.",
             ),
-            Option("cooldown_s", Number(0), "A moved vCPU is not moved again for this many seconds."),
+            Option(
+                "cooldown_s",
+                Number(0),
+                "A moved vCPU is not moved again for this many seconds, unless the move gathers its "
+                "VM, now split over several LLC domains or NUMA nodes, into one (after a VM leaves, "
+                "say); the return window still applies.",
+            ),
             Option(
                 "return_window_s",
                 Number(0),

@@ -5,7 +5,11 @@ controller from thrashing when a policy (or its input) is noisy:
 
 - a move must be proposed with the same target for ``hold_ticks`` consecutive ticks
   (first placements of a vCPU the controller never touched skip this: nothing to ping-pong);
-- a vCPU moved less than ``cooldown_s`` ago is not moved again;
+- a vCPU moved less than ``cooldown_s`` ago is not moved again, unless the move gathers its
+  VM: every vCPU of a VM now placed over several LLC domains (or NUMA nodes) ends up in one.
+  A first placement on a full host splits a VM; when room appears (a VM left) it is brought
+  together at once, not a minute later. Gathering cannot ping-pong: splitting again is not a
+  gather and waits out the cooldown, and the return window still applies;
 - a vCPU is never sent back to a CPU set it left less than ``return_window_s`` ago
   (A -> B -> A), nor to a placement that was rolled back recently;
 - at most ``budget_per_tick`` migrations a tick, largest predicted gain first (first
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from adaptive_pin.model import CpuSet, MemoryMove, Move, Plan, Snapshot, VCpuKey
+from adaptive_pin.model import CpuSet, MemoryMove, Move, Plan, Snapshot, Topology, VCpuKey
 
 
 @dataclass(frozen=True)
@@ -125,13 +129,14 @@ class Guard:
 
         candidates: list[Move] = []
         refused: list[tuple[Move, str]] = []
+        gathering = _gathering(plan, snapshot)
         for move in plan.moves:
             h = self._history.setdefault(move.key, _History())
             if h.proposed_to == move.to_cpus:
                 h.proposed_ticks += 1
             else:
                 h.proposed_to, h.proposed_ticks = move.to_cpus, 1
-            reason = self._refusal(move, h, snapshot, usable, now, one_shot)
+            reason = self._refusal(move, h, snapshot, usable, now, one_shot, move.guest_id in gathering)
             if reason:
                 refused.append((move, reason))
             else:
@@ -161,6 +166,7 @@ class Guard:
         usable: CpuSet,
         now: float,
         one_shot: bool,
+        gathers: bool = False,
     ) -> str | None:
         s = self.settings
         if not move.to_cpus:
@@ -174,7 +180,7 @@ class Guard:
             return "this placement was rolled back recently"
         if move.predicted_gain < s.min_gain:
             return f"predicted gain {move.predicted_gain:.3g} below minimum {s.min_gain:.3g}"
-        if h.last_moved is not None and now - h.last_moved < s.cooldown_s:
+        if h.last_moved is not None and now - h.last_moved < s.cooldown_s and not gathers:
             return f"cooling down: moved {now - h.last_moved:.0f}s ago (cooldown {s.cooldown_s:.0f}s)"
         left_at = h.left.get(move.to_cpus)
         if left_at is not None and now - left_at < s.return_window_s:
@@ -219,3 +225,29 @@ class Guard:
         self._memory.setdefault(move.guest_id, _History()).moved(
             move.from_nodes, now, self.settings.return_window_s
         )
+
+
+def _reach(topo: Topology, cpus: CpuSet) -> tuple[int, int]:
+    """(LLC domains, NUMA nodes) a CPU set reaches."""
+    pos = [topo.pu_pos(c) for c in cpus if c in topo.online]
+    return len({int(topo.pu_llc[p]) for p in pos}), len({int(topo.pu_node[p]) for p in pos})
+
+
+def _gathering(plan: Plan, snapshot: Snapshot) -> set[str]:
+    """Guests the plan brings together: each vCPU now placed within one node, the VM over
+    several LLC domains or nodes; after the plan, all of it in one LLC domain or one node."""
+    out: set[str] = set()
+    topo = snapshot.topology
+    by_guest: dict[str, dict[int, CpuSet]] = {}
+    for m in plan.moves:
+        by_guest.setdefault(m.guest_id, {})[m.vcpu] = m.to_cpus
+    for g in snapshot.guests:
+        moved = by_guest.get(g.id)
+        if not moved or not g.vcpus or any(_reach(topo, v.affinity)[1] != 1 for v in g.vcpus):
+            continue
+        llcs, nodes = _reach(topo, CpuSet(c for v in g.vcpus for c in v.affinity))
+        after = CpuSet(c for v in g.vcpus for c in moved.get(v.index, v.affinity))
+        llcs_after, nodes_after = _reach(topo, after)
+        if (llcs > 1 and llcs_after == 1) or (nodes > 1 and nodes_after == 1):
+            out.add(g.id)
+    return out

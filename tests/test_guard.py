@@ -129,3 +129,47 @@ def test_memory_state_round_trip_keeps_cooldown_and_return_window() -> None:
     assert "cooldown" in (g2.memory_refusal(there, 20, used=0) or "")
     assert "back" in (g2.memory_refusal(back, 100, used=0) or "")
     assert g2.memory_refusal(back, 311, used=0) is None
+
+
+@pytest.fixture(scope="module")
+def two_llc() -> Topology:
+    # 2 sockets, one L3 and one node each: 0-7,16-23 and 8-15,24-31
+    return read_topology(fixture_root("32intel64-2p8co2t+8ve"))
+
+
+def _split_snap(topo: Topology, t: float, affinities: tuple[str, ...]) -> Snapshot:
+    vcpus = tuple(VCpu(i, 1000 + i, CpuSet.parse(a)) for i, a in enumerate(affinities))
+    g = Guest("g1", "vm1", 999, vcpus, Pinnability(True, PinSource.DEFAULT), "test")
+    return Snapshot(time=t, topology=topo, guests=(g,), rates={})
+
+
+def test_a_split_vm_is_gathered_within_the_cooldown_but_nothing_else_moves(two_llc: Topology) -> None:
+    g = Guard(GuardSettings(hold_ticks=1, cooldown_s=60, return_window_s=300))
+    first = _move("8-15", vcpu=1, frm="0-31", kind="initial")  # placed split: no room in LLC 0
+    g.record_move(first, 0)
+    split = _split_snap(two_llc, 30, ("0-7", "8-15"))
+    gather = _move("0-7", vcpu=1, frm="8-15")
+    assert g.filter(_plan(gather), split).accepted == (gather,)
+    # moving it anywhere that leaves the VM split waits for the cooldown
+    r = g.filter(_plan(_move("24-31", vcpu=1, frm="8-15")), split)
+    assert "cooling down" in r.refused[0][1]
+    # a VM already whole is not gathered: within the cooldown it stays
+    g.record_move(gather, 30)
+    whole = _split_snap(two_llc, 40, ("0-7", "0-7"))
+    r = g.filter(_plan(_move("8-15", vcpu=0, frm="0-7"), _move("8-15", vcpu=1, frm="0-7")), whole)
+    assert [m.vcpu for m in r.accepted] == [0]  # never moved by the controller: no cooldown
+    assert [(m.vcpu, why) for m, why in r.refused] == [(1, "cooling down: moved 10s ago (cooldown 60s)")]
+
+
+def test_gathering_does_not_override_the_return_window(two_llc: Topology) -> None:
+    g = Guard(GuardSettings(hold_ticks=1, cooldown_s=60, return_window_s=300))
+    g.record_move(_move("8-15", vcpu=1, frm="0-7"), 0)  # it left LLC 0 at t=0, splitting the VM
+    r = g.filter(_plan(_move("0-7", vcpu=1, frm="8-15")), _split_snap(two_llc, 30, ("0-7", "8-15")))
+    assert not r.accepted and "would move back" in r.refused[0][1]
+
+
+def test_a_floating_vm_is_not_a_split_one(two_llc: Topology) -> None:
+    g = Guard(GuardSettings(hold_ticks=1, cooldown_s=60))
+    g.record_move(_move("0-31", vcpu=1, frm="8-15"), 0)  # unpinned by a policy
+    r = g.filter(_plan(_move("0-7", vcpu=1, frm="0-31")), _split_snap(two_llc, 30, ("0-7", "0-31")))
+    assert "cooling down" in r.refused[0][1]
