@@ -45,9 +45,12 @@ Each decide():
 ``predicted_gain`` of every other move is the estimated reduction of lost throughput, in
 vCPU-equivalents, so the guard's ``min_gain`` is in that unit too.
 
-Default granularity is "llc": the cache locality is what the model is about, and inside the
-domain the kernel's load balancer (SMT-aware, idle-core first) does better than a static PU
-choice from a 5-second average; "pu" removes that freedom, "node" gives up LLC awareness.
+Default granularity is "auto", which is "llc": the cache locality is what the model is about,
+and inside the domain the kernel's load balancer (SMT-aware, idle-core first) does better than
+a static PU choice from a 5-second average; "pu" removes that freedom, "node" gives up LLC
+awareness. Where the LLC domains are private to single cores (POWER8/9's per-core L3, a host
+whose sysfs gives no L3 and one core per package) "auto" is "node": a VM kept in one such
+domain shares no cache, it is only stacked on one core's SMT threads.
 
 State (JSON)::
 
@@ -72,11 +75,14 @@ from adaptive_pin.model import (
     MemoryMove,
     Plan,
     Snapshot,
+    Topology,
     VCpu,
     VCpuKey,
     VCpuRates,
 )
 from policies.base import (
+    GRANULARITIES,
+    Granularity,
     Target,
     check_granularity,
     is_movable,
@@ -92,6 +98,7 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 STATE_VERSION = 1
+AUTO = "auto"  # granularity chosen per host: see CacheAwarePolicy.resolve_granularity
 MIB = 1 << 20
 REFERENCE_LLC_BYTES = 8 * MIB  # contention_misses_per_s is per this much LLC
 FALLBACK_LLC_BYTES_PER_PU = 1 * MIB  # when sysfs gives no cache size
@@ -157,7 +164,7 @@ class CacheAwarePolicy:
     def __init__(
         self,
         *,
-        granularity: str = "llc",
+        granularity: str = "auto",
         miss_cost_ns: float = 15.0,
         contention_misses_per_s: float = 1e8,
         sharing: float = 0.3,
@@ -170,7 +177,11 @@ class CacheAwarePolicy:
         migrate_memory: bool = True,
         migrated_remote_weight: float = 0.1,
     ) -> None:
-        self.granularity = check_granularity(granularity)
+        if granularity != AUTO and granularity not in GRANULARITIES:
+            raise ValueError(
+                f"granularity must be {AUTO} or one of {', '.join(GRANULARITIES)}, not {granularity!r}"
+            )
+        self.granularity = granularity
         for label, value in (
             ("miss_cost_ns", miss_cost_ns),
             ("contention_misses_per_s", contention_misses_per_s),
@@ -202,10 +213,25 @@ class CacheAwarePolicy:
     def initial_state(self) -> object:
         return {"version": STATE_VERSION, "granularity": self.granularity, "active": []}
 
+    def resolve_granularity(self, topology: Topology) -> Granularity:
+        """The granularity this host is placed at: "auto" is "llc", unless the LLC domains are
+        private to single cores (most hold one core) and there are several NUMA nodes: then
+        "node". Grouping a VM in a one-core "LLC" shares no cache between its vCPUs; it only
+        stacks them on one core's SMT threads and leaves the node's other cores to others."""
+        if self.granularity != AUTO:
+            return check_granularity(self.granularity)
+        pos = [[topology.pu_pos(c) for c in d.cpus if c in topology.online] for d in topology.llc]
+        cores = [len({int(topology.pu_core[p]) for p in ps}) for ps in pos if ps]
+        nodes = {int(n) for n in topology.pu_node if n >= 0}
+        if cores and float(np.median(cores)) <= 1 and len(nodes) > 1:
+            return "node"
+        return "llc"
+
     def decide(self, snapshot: Snapshot, state: object) -> tuple[Plan, object]:
+        gran = self.resolve_granularity(snapshot.topology)
         old = versioned_state(state, STATE_VERSION)
         prev_active: set[int] = set()
-        active = old.get("active") if old and old.get("granularity") == self.granularity else None
+        active = old.get("active") if old and old.get("granularity") == gran else None
         if isinstance(active, list):
             prev_active = {a for a in active if isinstance(a, int) and not isinstance(a, bool)}
         prev_counts: dict[str, list[float]] = {}
@@ -219,8 +245,10 @@ class CacheAwarePolicy:
                     and all(isinstance(x, int | float) and not isinstance(x, bool) for x in val)
                 ):
                     prev_counts[key] = [float(val[0]), float(val[1])]
-        world = _World(snapshot, self, prev_counts)
+        world = _World(snapshot, self, gran, prev_counts)
         notes = world.run(prev_active)
+        if self.granularity == AUTO and gran != "llc":
+            notes.insert(0, f"granularity auto: {gran} on this host (its LLC domains are single cores)")
         targets = world.targets()
         plan = Plan(
             policy=self.name,
@@ -230,7 +258,7 @@ class CacheAwarePolicy:
         )
         new_state: dict[str, object] = {
             "version": STATE_VERSION,
-            "granularity": self.granularity,
+            "granularity": gran,
             "active": sorted(int(world.labels[d]) for d in world.active),
         }
         if world.counts:  # only when the PMU gives LLC references and misses
@@ -242,13 +270,17 @@ class _World:
     """One decide()'s working copy of the host: domains, vCPUs, and the aggregates of the model."""
 
     def __init__(
-        self, snapshot: Snapshot, policy: CacheAwarePolicy, prev_counts: dict[str, list[float]] | None = None
+        self,
+        snapshot: Snapshot,
+        policy: CacheAwarePolicy,
+        gran: Granularity,
+        prev_counts: dict[str, list[float]] | None = None,
     ) -> None:
         self.s = snapshot
         self.prev_counts = prev_counts or {}
         self.counts: dict[str, list[float]] = {}  # "guest/vcpu" -> [LLC references, misses] now
         self.p = policy
-        self.gran = policy.granularity
+        self.gran = gran
         topo = snapshot.topology
         self.topo = topo
         self.usable = usable_cpus(snapshot)

@@ -239,8 +239,8 @@ def test_sensitivity_is_measured_over_the_last_interval() -> None:
     snap = snapshot(TOPO, guests, {("a", 0): later})
     _, state2 = policy.decide(snap, state)
     assert isinstance(state2, dict) and state2["counts"] == {"a/0": [1.5e9, 6e8]}
-    assert _World(snap, policy, {"a/0": [1e9, 1e8]}).rows[0].w == 0.0  # 5e8 of 5e8 missed
-    assert abs(_World(snap, policy, {}).rows[0].w - 0.6) < 1e-9  # lifetime: 6e8 of 1.5e9
+    assert _World(snap, policy, "llc", {"a/0": [1e9, 1e8]}).rows[0].w == 0.0  # 5e8 of 5e8 missed
+    assert abs(_World(snap, policy, "llc", {}).rows[0].w - 0.6) < 1e-9  # lifetime: 6e8 of 1.5e9
 
 
 # --------------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def test_orchestrator_pinned_vm_is_counted_once() -> None:
     snap = snapshot(TOPO, guests, load(guests, spec))
     assert snap.taken == CpuSet.of(0, 8)
     policy = CacheAwarePolicy()
-    world = _World(snap, policy)
+    world = _World(snap, policy, "llc")
     world.agg = world._aggregate(exclude={id(r) for r in world.rows if r.guest.id == "a"})
     assert list(world.capacity()) == [6.0, 8.0]
     assert world.agg.L[0] == 0.0 and world.agg.L[1] == 4.0, "p's demand counted against capacity"
@@ -472,3 +472,36 @@ def test_a_full_domain_does_not_make_floating_look_costly() -> None:
     p = CacheAwarePolicy()
     plan, _ = p.decide(snapshot(topo, [busy, quiet], rs), p.initial_state())
     assert [m for m in plan.moves if m.guest_id == "q"] == []
+
+
+def test_auto_granularity_is_node_where_llc_domains_are_single_cores() -> None:
+    from tests.policy_helpers import real_topology
+
+    ppc = real_topology("256ppc-8n8s4t")  # 64 four-thread cores, each its own L3, in 8 nodes
+    assert CacheAwarePolicy().resolve_granularity(ppc) == "node"
+    for name in ("32intel64-2p8co2t+8ve", "8em64t-4c2t", "128arm-2pa2n8cluster4co"):
+        assert CacheAwarePolicy().resolve_granularity(real_topology(name)) == "llc", name
+    assert CacheAwarePolicy(granularity="llc").resolve_granularity(ppc) == "llc"
+
+    node0 = ppc.numa_nodes[0].cpus & ppc.online
+    everywhere = ppc.online
+    g = vm("a", [everywhere] * 8)
+    snap = snapshot(ppc, [g], load([g], {"a": (1.0, HUNGRY)}))
+    plan, state = CacheAwarePolicy().decide(snap, CacheAwarePolicy().initial_state())
+    assert plan.notes[0] == "granularity auto: node on this host (its LLC domains are single cores)"
+    # the VM whole in one node, free to spread over its 8 cores, not stacked on one core
+    targets = {m.to_cpus for m in plan.moves}
+    assert len(plan.moves) == 8 and len(targets) == 1
+    (target,) = targets
+    assert len(target) == len(node0) and len(llc_of(ppc, target)) == 8
+    assert isinstance(state, dict) and state["granularity"] == "node"
+    at_llc, _ = CacheAwarePolicy(granularity="llc").decide(snap, CacheAwarePolicy().initial_state())
+    assert not any(n.startswith("granularity auto") for n in at_llc.notes)
+    assert all(len(llc_of(ppc, m.to_cpus)) == 1 for m in at_llc.moves)
+
+
+def test_granularity_is_checked() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="granularity must be auto or one of pu, core, llc, node"):
+        CacheAwarePolicy(granularity="socket")
