@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from adaptive_pin.model import CpuSet, MemoryMove, Move, Plan, Snapshot, Topology, VCpuKey
+from adaptive_pin.model import CpuSet, MemoryMove, Move, Plan, Snapshot, VCpuKey
 
 
 @dataclass(frozen=True)
@@ -227,27 +227,34 @@ class Guard:
         )
 
 
-def _reach(topo: Topology, cpus: CpuSet) -> tuple[int, int]:
-    """(LLC domains, NUMA nodes) a CPU set reaches."""
-    pos = [topo.pu_pos(c) for c in cpus if c in topo.online]
-    return len({int(topo.pu_llc[p]) for p in pos}), len({int(topo.pu_node[p]) for p in pos})
-
-
 def _gathering(plan: Plan, snapshot: Snapshot) -> set[str]:
     """Guests the plan brings together: each vCPU now placed within one node, the VM over
-    several LLC domains or nodes; after the plan, all of it in one LLC domain or one node."""
-    out: set[str] = set()
+    several LLC domains or nodes; after the plan, all of it in one LLC domain or one node.
+
+    Runs every tick over every guest with a move: a floating vCPU (wider than any node) rules
+    its VM out before any per-CPU work."""
+    if not plan.moves:
+        return set()
     topo = snapshot.topology
+    where = {cpu: (int(topo.pu_llc[i]), int(topo.pu_node[i])) for i, cpu in enumerate(topo.pus)}
+    widest = max((len(n.cpus) for n in topo.numa_nodes.values()), default=len(topo.pus))
+
+    def reach(sets: list[CpuSet]) -> tuple[int, int]:
+        spots = {where[c] for cpus in sets for c in cpus if c in where}
+        return len({llc for llc, _ in spots}), len({node for _, node in spots})
+
     by_guest: dict[str, dict[int, CpuSet]] = {}
     for m in plan.moves:
         by_guest.setdefault(m.guest_id, {})[m.vcpu] = m.to_cpus
+    out: set[str] = set()
     for g in snapshot.guests:
         moved = by_guest.get(g.id)
-        if not moved or not g.vcpus or any(_reach(topo, v.affinity)[1] != 1 for v in g.vcpus):
+        if not moved or not g.vcpus or any(len(v.affinity) > widest for v in g.vcpus):
             continue
-        llcs, nodes = _reach(topo, CpuSet(c for v in g.vcpus for c in v.affinity))
-        after = CpuSet(c for v in g.vcpus for c in moved.get(v.index, v.affinity))
-        llcs_after, nodes_after = _reach(topo, after)
+        if any(reach([v.affinity])[1] != 1 for v in g.vcpus):
+            continue
+        llcs, nodes = reach([v.affinity for v in g.vcpus])
+        llcs_after, nodes_after = reach([moved.get(v.index, v.affinity) for v in g.vcpus])
         if (llcs > 1 and llcs_after == 1) or (nodes > 1 and nodes_after == 1):
             out.add(g.id)
     return out

@@ -4,9 +4,10 @@ A scenario is first reduced to its *static case*: the VMs running at the end of 
 with the workload and load of its last phase, all present from t = 0, nobody arriving or
 leaving. A candidate placement gives every movable vCPU the usable PUs of one LLC domain as its
 affinity; inside a domain the simulated Linux scheduler places threads (as under cache-aware's
-granularity "llc", what "auto" is wherever LLC domains hold several cores). Because a VM's vCPUs are interchangeable, a candidate is just how
-many vCPUs of each VM go to each domain; VMs with the same spec (workload, vCPUs, load, memory,
-hints) are interchangeable too, so each class contributes multisets of those compositions:
+granularity "llc", what "auto" is wherever LLC domains hold several cores). Because a VM's
+vCPUs are interchangeable, a candidate is just how many vCPUs of each VM go to each domain;
+VMs with the same spec (workload, vCPUs, load, memory, hints) are interchangeable too, so each
+class contributes multisets of those compositions:
 
     candidates = prod over classes of C(n_comp + k - 1, k),  n_comp = C(v + D - 1, D - 1)
 
