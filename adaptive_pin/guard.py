@@ -24,7 +24,11 @@ ago, at most ``memory_budget_per_tick`` VMs a tick (each copies its whole reside
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from adaptive_pin.model import CpuSet, MemoryMove, Move, Plan, Snapshot, VCpuKey
 
@@ -236,12 +240,12 @@ def _gathering(plan: Plan, snapshot: Snapshot) -> set[str]:
     if not plan.moves:
         return set()
     topo = snapshot.topology
-    where = {cpu: (int(topo.pu_llc[i]), int(topo.pu_node[i])) for i, cpu in enumerate(topo.pus)}
     widest = max((len(n.cpus) for n in topo.numa_nodes.values()), default=len(topo.pus))
 
-    def reach(sets: list[CpuSet]) -> tuple[int, int]:
-        spots = {where[c] for cpus in sets for c in cpus if c in where}
-        return len({llc for llc, _ in spots}), len({node for _, node in spots})
+    def reach(cpus: CpuSet) -> tuple[int, int]:
+        """(LLC domains, NUMA nodes) the CPU set reaches; CPUs in no node count as one."""
+        pos = topo.positions(cpus)
+        return len(np.unique(topo.pu_llc[pos])), len(np.unique(topo.pu_node[pos]))
 
     by_guest: dict[str, dict[int, CpuSet]] = {}
     for m in plan.moves:
@@ -251,10 +255,11 @@ def _gathering(plan: Plan, snapshot: Snapshot) -> set[str]:
         moved = by_guest.get(g.id)
         if not moved or not g.vcpus or any(len(v.affinity) > widest for v in g.vcpus):
             continue
-        if any(reach([v.affinity])[1] != 1 for v in g.vcpus):
+        if any(reach(v.affinity)[1] != 1 for v in g.vcpus):
             continue
-        llcs, nodes = reach([v.affinity for v in g.vcpus])
-        llcs_after, nodes_after = reach([moved.get(v.index, v.affinity) for v in g.vcpus])
+        llcs, nodes = reach(functools.reduce(operator.or_, (v.affinity for v in g.vcpus)))
+        after = functools.reduce(operator.or_, (moved.get(v.index, v.affinity) for v in g.vcpus))
+        llcs_after, nodes_after = reach(after)
         if (llcs > 1 and llcs_after == 1) or (nodes > 1 and nodes_after == 1):
             out.add(g.id)
     return out

@@ -425,10 +425,9 @@ def _guests(host: str, snap: Snapshot) -> Iterator[Metric]:
 
 def _placement(topo: Topology, cpus: CpuSet) -> tuple[str, str]:
     """The LLC domains and NUMA nodes an affinity mask reaches, as cpulists of their indices."""
-    pos = [topo.pu_pos(c) for c in cpus if c in topo.online]
-    if not pos:
+    idx = topo.positions(cpus)
+    if not len(idx):
         return "", ""
-    idx = np.asarray(pos, dtype=np.int64)
     llcs = topo.pu_llc[idx]
     nodes = topo.pu_node[idx]
     return _indices(llcs), _indices(nodes)

@@ -263,6 +263,17 @@ class Topology:
             raise KeyError(f"CPU {cpu} is not online on this host")
         return pos
 
+    def positions(self, cpus: CpuSet) -> IntArray:
+        """Positions in ``pus`` of the online CPUs of ``cpus`` (offline ones left out).
+
+        One dict lookup per CPU: asking ``c in topology.online`` per CPU rebuilds the online
+        set each time, which on a 512-PU host made one 510-CPU affinity cost 14 ms.
+        """
+        pos_of = self._pos_of
+        return np.fromiter(
+            (p for c in cpus.as_frozenset() if (p := pos_of.get(c)) is not None), dtype=np.int64
+        )
+
     @functools.cached_property
     def _pos_of(self) -> dict[int, int]:
         # Policies call pu_pos per core per VM: a dict beats a searchsorted over a fresh array.

@@ -306,8 +306,7 @@ def _delta(now: Mapping[str, float], prev: Mapping[str, float], name: str) -> fl
 def _domains(snapshot: Snapshot, cpus: CpuSet) -> int:
     """How many LLC domains of the snapshot's topology a CPU set reaches."""
     topo = snapshot.topology
-    pos = [topo.pu_pos(c) for c in cpus if c in topo.online]
-    return len({int(topo.pu_llc[p]) for p in pos})
+    return len(np.unique(topo.pu_llc[topo.positions(cpus)]))
 
 
 def _changed(before: float | None, after: float | None) -> bool:

@@ -325,3 +325,13 @@ def test_this_host() -> None:
         assert len(t.cores) == physical
     assert t.llc and all(len(d.cpus) > 0 for d in t.llc)
     assert (t.pu_node >= 0).all() or any("no online NUMA node" in n for n in t.notes)
+
+
+def test_positions_of_a_cpu_set_leave_offline_cpus_out() -> None:
+    from adaptive_pin.fixtures import fixture_root
+
+    topo = read_topology(fixture_root("offline-cpu0-node0"))  # CPUs 0-3 offline, 4-20 online
+    pos = topo.positions(CpuSet.parse("0-5,20,999"))
+    assert sorted(topo.pus[int(p)] for p in pos) == [4, 5, 20]
+    assert len(topo.positions(CpuSet.parse("0-3"))) == 0
+    assert sorted(topo.positions(topo.online).tolist()) == list(range(len(topo.pus)))
