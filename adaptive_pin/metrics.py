@@ -495,8 +495,11 @@ def _placement_labels(topo: Topology, g: Guest, v: VCpu) -> dict[str, str]:
 def _llc_of_vcpu(topo: Topology, v: VCpu, rates: VCpuRates | None) -> int | None:
     """The LLC domain a vCPU fills: where it last ran, else its affinity's only domain."""
     last = rates.last_cpu if rates is not None and rates.last_cpu is not None else v.last_cpu
-    if last is not None and last in topo.online:
-        return int(topo.pu_llc[topo.pu_pos(last)])
+    if last is not None:
+        try:
+            return int(topo.pu_llc[topo.pu_pos(last)])
+        except KeyError:  # it last ran on a CPU that is offline now
+            pass
     llc, _ = _placement(topo, v.affinity)
     return int(llc) if llc.isdigit() else None
 

@@ -220,8 +220,8 @@ class CacheAwarePolicy:
         stacks them on one core's SMT threads and leaves the node's other cores to others."""
         if self.granularity != AUTO:
             return check_granularity(self.granularity)
-        pos = [[topology.pu_pos(c) for c in d.cpus if c in topology.online] for d in topology.llc]
-        cores = [len({int(topology.pu_core[p]) for p in ps}) for ps in pos if ps]
+        in_llc = (topology.positions(d.cpus) for d in topology.llc)
+        cores = [len(np.unique(topology.pu_core[pos])) for pos in in_llc if len(pos)]
         nodes = {int(n) for n in topology.pu_node if n >= 0}
         if cores and float(np.median(cores)) <= 1 and len(nodes) > 1:
             return "node"

@@ -212,7 +212,7 @@ class SimHost:
         caps = []
         for d in t.llc:
             size = d.size_bytes or constants.DEFAULT_LLC_BYTES_PER_CORE * max(
-                1, len({int(t.pu_core[t.pu_pos(c)]) for c in d.cpus if c in t.online})
+                1, len(np.unique(t.pu_core[t.positions(d.cpus)]))
             )
             caps.append(
                 float(self.scenario.host.llc_mib * (1 << 20)) if self.scenario.host.llc_mib else float(size)
