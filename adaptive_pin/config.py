@@ -488,7 +488,8 @@ SECTIONS: tuple[Section, ...] = (
                 "budget_per_tick",
                 Number(1, integer=True),
                 "At most this many migrations per tick; first placements of vCPUs the controller never "
-                "moved do not count (VMs arriving together are placed in one tick).",
+                "moved do not count (VMs arriving together are placed in one tick). A VM's moves, and "
+                "the two VMs of a swap, are never cut in two: a VM larger than the budget moves alone.",
             ),
             Option(
                 "min_gain", Number(), "Moves predicted to gain less than this are dropped (policy's unit)."

@@ -14,6 +14,10 @@ controller from thrashing when a policy (or its input) is noisy:
   (A -> B -> A), nor to a placement that was rolled back recently;
 - at most ``budget_per_tick`` migrations a tick, largest predicted gain first (first
   placements do not count: many VMs arriving at once are placed in one tick, not a few a tick);
+- a plan's moves of one VM, and of VMs it swaps with (``Move.group``), happen together or not
+  at all: when one is held back so are the others, and the budget takes whole groups (one
+  larger than the budget goes alone). Half a swap is a VM moved onto one that stayed, and a
+  VM half moved is split; the policy's gain assumed all of it;
 - a move whose predicted gain is below ``min_gain`` is dropped;
 - never onto CPUs that are not usable now (offline, reserved, isolated, disallowed, taken).
 
@@ -31,6 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from adaptive_pin.model import CpuSet, MemoryMove, Move, Plan, Snapshot, VCpuKey
+
+STANDALONE_KINDS = frozenset({"refit", "rollback"})  # corrections: never held by a sibling
+ALREADY_THERE = "already there"  # a no-op: it holds nothing back
 
 
 @dataclass(frozen=True)
@@ -146,15 +153,20 @@ class Guard:
             else:
                 candidates.append(move)
 
-        candidates.sort(key=lambda m: (-m.predicted_gain, m.guest_id, m.vcpu))
-        first = [m for m in candidates if self._first_placement(m)]
-        others = [m for m in candidates if not self._first_placement(m)]
-        accepted = first + others[: s.budget_per_tick]
+        groups, held = _whole_groups(candidates, refused)
+        refused.extend(held)
+        accepted: list[Move] = []
+        spent = 0
+        for group in groups:
+            cost = sum(1 for m in group if not self._first_placement(m))
+            # A group larger than the whole budget goes alone in a tick: split, it would be worse.
+            if cost and spent + cost > s.budget_per_tick and spent:
+                why = f"migration budget of {s.budget_per_tick} per tick used up"
+                refused.extend((m, why) for m in group)
+                continue
+            spent += cost
+            accepted.extend(group)
         accepted.sort(key=lambda m: (-m.predicted_gain, m.guest_id, m.vcpu))
-        refused.extend(
-            (m, f"migration budget of {s.budget_per_tick} per tick used up")
-            for m in others[s.budget_per_tick :]
-        )
         return GuardResult(tuple(accepted), tuple(refused))
 
     def _first_placement(self, move: Move) -> bool:
@@ -179,7 +191,7 @@ class Guard:
             bad = move.to_cpus - usable
             return f"target names CPUs that are not usable now: {bad.to_list()}"
         if move.to_cpus == move.from_cpus:
-            return "already there"
+            return ALREADY_THERE
         if (move.key, move.to_cpus) in snapshot.bad_placements:
             return "this placement was rolled back recently"
         if move.predicted_gain < s.min_gain:
@@ -229,6 +241,50 @@ class Guard:
         self._memory.setdefault(move.guest_id, _History()).moved(
             move.from_nodes, now, self.settings.return_window_s
         )
+
+
+def _whole_groups(
+    candidates: list[Move], refused: list[tuple[Move, str]]
+) -> tuple[list[list[Move]], list[tuple[Move, str]]]:
+    """The candidates as groups applied together or not at all (see ``Move.group``), largest
+    predicted gain first, and the candidates held back because a move of their group was.
+
+    One group: every move of one VM in the plan, and of every VM linked to it by a shared
+    ``group`` (two VMs swapping domains); refits and rollbacks stand alone. Half a group
+    would leave a VM split, or one VM of a swap where the other still is, and the policy's
+    predicted gain assumed all of it.
+    """
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def node(m: Move) -> str:
+        return f"move {m.guest_id}/{m.vcpu}" if m.kind in STANDALONE_KINDS else f"vm {m.guest_id}"
+
+    for m in [*candidates, *(m for m, _ in refused)]:
+        if m.group and m.kind not in STANDALONE_KINDS:
+            parent[find(node(m))] = find(f"group {m.group}")
+    blocked: dict[str, str] = {}  # group -> why it is held back
+    for m, why in refused:
+        if m.kind not in STANDALONE_KINDS and why != ALREADY_THERE:
+            blocked.setdefault(find(node(m)), f"goes with {m.guest_name} vCPU {m.vcpu}, held back: {why}")
+    groups: dict[str, list[Move]] = {}
+    held: list[tuple[Move, str]] = []
+    for m in candidates:
+        root = find(node(m))
+        if root in blocked:
+            held.append((m, blocked[root]))
+        else:
+            groups.setdefault(root, []).append(m)
+    ordered = sorted(
+        groups.values(),
+        key=lambda g: (-max(m.predicted_gain for m in g), min((m.guest_id, m.vcpu) for m in g)),
+    )
+    return [sorted(g, key=lambda m: (-m.predicted_gain, m.guest_id, m.vcpu)) for g in ordered], held
 
 
 def _gathering(plan: Plan, snapshot: Snapshot) -> set[str]:

@@ -483,6 +483,10 @@ class Move:
     reason: str  # in words, for the operator
     predicted_gain: float  # policy's own unit, documented per policy; > 0 means better
     kind: str = "rebalance"  # e.g. "initial", "rebalance", "cohesion", "rollback"
+    # The guard applies a plan's moves of one VM together or not at all (a VM half moved is
+    # split); a non-empty group also ties in every other VM's moves that carry it (a swap).
+    # Refits and rollbacks stand alone: they are corrections, never held back by a sibling.
+    group: str = ""
 
     @property
     def key(self) -> VCpuKey:

@@ -157,6 +157,7 @@ class Target:
     reason: str
     gain: float
     kind: str
+    group: str = ""  # see Move.group: moves applied together or not at all
 
 
 def moves_from_targets(targets: list[Target]) -> tuple[Move, ...]:
@@ -174,6 +175,7 @@ def moves_from_targets(targets: list[Target]) -> tuple[Move, ...]:
             reason=t.reason,
             predicted_gain=t.gain,
             kind=t.kind,
+            group=t.group,
         )
         for t in targets
         if t.cpus and t.cpus != t.vcpu.affinity

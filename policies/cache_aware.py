@@ -138,6 +138,7 @@ class _VCpuRow:
     kind: str = ""
     gain: float = 0.0
     why: str = ""
+    group: str = ""  # Move.group: set on both VMs of a swap, so neither moves without the other
 
 
 @dataclass
@@ -1321,6 +1322,7 @@ class _World:
         moved = len(by_vm[gi]) + len(by_vm[gj])
         self._assign_many(by_vm[gi], dj, kind)
         self._assign_many(by_vm[gj], di, kind)
+        self._link(gi, gj)
         for gx, src, dst, other in ((gi, di, dj, gj), (gj, dj, di, gi)):
             head = (
                 f"{self._dom_name(src)} pressure {pressure[src]:.3f}: "
@@ -1334,6 +1336,16 @@ class _World:
                     f"{self._dom_name(dst)}, est. {gain:.3f} vCPU-equivalents regained "
                     "(less cache contention / load; neither has room to move alone)"
                 )
+
+    def _link(self, gi: int, gj: int) -> None:
+        """Tie two VMs' moves into one group (merging any groups either was in already)."""
+        rows = self.rows_of[gi] + self.rows_of[gj]
+        old = {r.group for r in rows if r.group}
+        group = min(old) if old else f"swap {self.guests[gi].id} {self.guests[gj].id}"
+        for r in (r for r in self.rows if r.group in old) if old else ():
+            r.group = group
+        for r in rows:
+            r.group = group
 
     def _raw_here(self, r: _VCpuRow) -> float:
         return float(self.cost_rows([r])[0, r.dom])
@@ -1471,7 +1483,7 @@ class _World:
             if not cpus:
                 continue
             if r.kind:
-                out.append(Target(r.guest, r.vcpu, cpus, r.why, r.gain, r.kind))
+                out.append(Target(r.guest, r.vcpu, cpus, r.why, r.gain, r.kind, r.group))
             elif cpus != r.vcpu.affinity:
                 why = (
                     f"refit to {self._dom_name(r.dom)}: its allowed CPUs changed (usable, taken, whole cores)"

@@ -27,17 +27,25 @@ def topo() -> Topology:
     return read_topology(fixture_root("8em64t-4c2t"), reserved=CpuSet.of(0))
 
 
-def _guest(n_vcpus: int = 4) -> Guest:
-    vcpus = tuple(VCpu(i, 1000 + i, CpuSet(range(8))) for i in range(n_vcpus))
-    return Guest("g1", "vm1", 999, vcpus, Pinnability(True, PinSource.DEFAULT), "test")
+def _guest(n_vcpus: int = 4, n: int = 1) -> Guest:
+    vcpus = tuple(VCpu(i, 1000 * n + i, CpuSet(range(8))) for i in range(n_vcpus))
+    return Guest(f"g{n}", f"vm{n}", 990 + n, vcpus, Pinnability(True, PinSource.DEFAULT), "test")
 
 
 def _snap(topo: Topology, t: float, taken: CpuSet = CpuSet()) -> Snapshot:
     return Snapshot(time=t, topology=topo, guests=(_guest(),), rates={}, taken=taken)
 
 
-def _move(to: str, vcpu: int = 0, gain: float = 1.0, frm: str = "0-7", kind: str = "rebalance") -> Move:
-    return Move("g1", "vm1", vcpu, CpuSet.parse(frm), CpuSet.parse(to), "test", gain, kind)
+def _move(
+    to: str,
+    vcpu: int = 0,
+    gain: float = 1.0,
+    frm: str = "0-7",
+    kind: str = "rebalance",
+    vm: int = 1,
+    group: str = "",
+) -> Move:
+    return Move(f"g{vm}", f"vm{vm}", vcpu, CpuSet.parse(frm), CpuSet.parse(to), "test", gain, kind, group)
 
 
 def _plan(*moves: Move) -> Plan:
@@ -85,10 +93,66 @@ def test_cooldown_and_no_return_to_where_it_came_from(topo: Topology) -> None:
 
 def test_budget_keeps_the_largest_gains(topo: Topology) -> None:
     g = Guard(GuardSettings(hold_ticks=1, budget_per_tick=2))
-    moves = [_move(str(cpu), vcpu=i, gain=float(i)) for i, cpu in enumerate((2, 3, 4, 5))]
-    r = g.filter(_plan(*moves), Snapshot(0, topo, (_guest(4),), {}))
-    assert [m.vcpu for m in r.accepted] == [3, 2]
-    assert {m.vcpu for m, why in r.refused if "budget" in why} == {0, 1}
+    moves = [_move(str(cpu), gain=float(i), vm=i) for i, cpu in enumerate((2, 3, 4, 5))]
+    guests = tuple(_guest(1, i) for i in range(4))
+    r = g.filter(_plan(*moves), Snapshot(0, topo, guests, {}))
+    assert [m.guest_id for m in r.accepted] == ["g3", "g2"]
+    assert {m.guest_id for m, why in r.refused if "budget" in why} == {"g0", "g1"}
+
+
+def test_a_vms_moves_go_together_or_not_at_all(topo: Topology) -> None:
+    g = Guard(GuardSettings(hold_ticks=1, cooldown_s=60))
+    g.record_move(_move("2", vcpu=1, frm="0-7"), 0)
+    plan = _plan(_move("4-5", vcpu=0), _move("4-5", vcpu=1, frm="2"), _move("6", vcpu=0, vm=2))
+    r = g.filter(plan, Snapshot(30, topo, (_guest(2), _guest(1, 2)), {}))
+    # vCPU 1 is cooling down, so vCPU 0 of its VM waits too: moving it alone would split vm1
+    assert [m.guest_id for m in r.accepted] == ["g2"]
+    why = dict(((m.guest_id, m.vcpu), w) for m, w in r.refused)
+    assert "cooling down" in why["g1", 1]
+    assert why["g1", 0].startswith("goes with vm1 vCPU 1, held back: cooling down")
+    # after the cooldown both move in the same tick
+    r = g.filter(plan, Snapshot(61, topo, (_guest(2), _guest(1, 2)), {}))
+    assert {(m.guest_id, m.vcpu) for m in r.accepted} == {("g1", 0), ("g1", 1), ("g2", 0)}
+
+
+def test_a_swap_is_never_half_made(topo: Topology) -> None:
+    g = Guard(GuardSettings(hold_ticks=1, cooldown_s=60))
+    g.record_move(_move("6-7", vm=2, frm="0-7"), 0)
+    swap = (_move("6-7", vm=1, frm="4-5", group="swap"), _move("4-5", vm=2, frm="6-7", group="swap"))
+    guests = (_guest(1), _guest(1, 2))
+    r = g.filter(_plan(*swap), Snapshot(30, topo, guests, {}))
+    assert not r.accepted
+    assert "goes with vm2 vCPU 0" in dict((m.guest_id, w) for m, w in r.refused)["g1"]
+    assert len(g.filter(_plan(*swap), Snapshot(61, topo, guests, {})).accepted) == 2
+
+
+def test_refits_and_no_ops_hold_nothing_back(topo: Topology) -> None:
+    g = Guard(GuardSettings(hold_ticks=1, cooldown_s=60))
+    g.record_move(_move("2", vcpu=1), 0)
+    plan = _plan(_move("2-3", vcpu=1, frm="2", kind="refit"), _move("4", vcpu=2, frm="4"), _move("5", vcpu=3))
+    r = g.filter(plan, Snapshot(30, topo, (_guest(4),), {}))
+    # the refit is a correction (not cooled down, not tied to vm1's other moves); "already there"
+    # is a no-op; so vCPU 3 moves
+    assert {m.vcpu for m in r.accepted} == {3}
+    assert dict((m.vcpu, w) for m, w in r.refused)[1].startswith("cooling down")
+
+
+def test_the_budget_takes_whole_groups(topo: Topology) -> None:
+    g = Guard(GuardSettings(hold_ticks=1, budget_per_tick=3))
+    big = [_move(str(c), vcpu=i, gain=2.0, vm=1) for i, c in enumerate((2, 3))]
+    second = [_move(str(c), vcpu=i, gain=1.5, vm=2) for i, c in enumerate((4, 5))]
+    small = [_move("6", gain=1.0, vm=3)]
+    guests = (_guest(2), _guest(2, 2), _guest(1, 3))
+    r = g.filter(_plan(*big, *second, *small), Snapshot(0, topo, guests, {}))
+    # vm2 does not fit in what vm1 left of the budget and is not cut in two; vm3 fits
+    assert {m.guest_id for m in r.accepted} == {"g1", "g3"}
+    assert {(m.guest_id, m.vcpu) for m, w in r.refused if "budget" in w} == {("g2", 0), ("g2", 1)}
+    # one group larger than the whole budget goes alone
+    wide = [_move(str(c), vcpu=i, vm=1) for i, c in enumerate((2, 3, 4, 5))]
+    r = Guard(GuardSettings(hold_ticks=1, budget_per_tick=3)).filter(
+        _plan(*wide, *small), Snapshot(0, topo, (_guest(4), _guest(1, 3)), {})
+    )
+    assert {m.guest_id for m in r.accepted} == {"g1"} and len(r.accepted) == 4
 
 
 @pytest.mark.parametrize(
@@ -157,8 +221,12 @@ def test_a_split_vm_is_gathered_within_the_cooldown_but_nothing_else_moves(two_l
     g.record_move(gather, 30)
     whole = _split_snap(two_llc, 40, ("0-7", "0-7"))
     r = g.filter(_plan(_move("8-15", vcpu=0, frm="0-7"), _move("8-15", vcpu=1, frm="0-7")), whole)
-    assert [m.vcpu for m in r.accepted] == [0]  # never moved by the controller: no cooldown
-    assert [(m.vcpu, why) for m, why in r.refused] == [(1, "cooling down: moved 10s ago (cooldown 60s)")]
+    # vCPU 0 was never moved by the controller (no cooldown), but alone it would split the VM
+    assert not r.accepted
+    assert [(m.vcpu, why) for m, why in r.refused] == [
+        (1, "cooling down: moved 10s ago (cooldown 60s)"),
+        (0, "goes with vm1 vCPU 1, held back: cooling down: moved 10s ago (cooldown 60s)"),
+    ]
 
 
 def test_gathering_does_not_override_the_return_window(two_llc: Topology) -> None:

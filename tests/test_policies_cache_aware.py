@@ -364,6 +364,9 @@ def test_two_full_domains_swap_vms_when_no_vm_can_move_alone() -> None:
     plan, _ = policy.decide(snap, policy.initial_state())
     assert plan.moves and all("swaps with" in m.reason for m in plan.moves), plan.moves
     assert len(plan.moves) == 8 and all(m.predicted_gain > policy.min_gain for m in plan.moves)
+    # one group: the guard makes both halves of the swap or neither
+    assert len({m.group for m in plan.moves}) == 1 and plan.moves[0].group
+    assert len({m.guest_id for m in plan.moves}) == 2
     final, state, plans = settle(policy, snap)
     assert not plans[-1].moves, "did not settle"
     assert llcs(final, "h1") != llcs(final, "h2")
@@ -393,6 +396,8 @@ def test_independent_swaps_on_disjoint_domains_are_all_made_in_one_plan() -> Non
     plan, _ = policy.decide(snap, policy.initial_state())
     swapped = {m.guest_id for m in plan.moves if "swaps with" in m.reason}
     assert len(plan.moves) == 16 and len(swapped) == 4, plan.moves
+    groups = {m.group: {x.guest_id for x in plan.moves if x.group == m.group} for m in plan.moves}
+    assert sorted(len(vms) for vms in groups.values()) == [2, 2]  # two swaps, two groups
     after = apply_plan(snap, plan)
     for i in range(2):  # each pair of domains now holds one hungry VM per domain
         doms = [

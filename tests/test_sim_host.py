@@ -71,6 +71,20 @@ def test_an_overcommitted_host_gets_its_busy_queues_evened_out() -> None:
     assert not p.migrated.any()
 
 
+
+@pytest.mark.parametrize("seed", range(8))
+def test_an_idle_pu_pulls_the_thread_allowed_there_not_the_pinned_one(seed: int) -> None:
+    """LLC 0 (PUs 0-1) runs two pinned threads and a floating one stacked on PU 0; LLC 1 is
+    idle. can_migrate_task skips a pinned thread and tries the next (LBF_SOME_PINNED): whichever
+    the balancer looks at first, the floating thread goes to the idle LLC."""
+    topo = synthetic_topology(packages=1, llc_per_package=2, cores_per_llc=2)
+    sched = LinuxLikeScheduler(topo, np.random.default_rng(seed))
+    allowed = np.array([[True, False, False, False], [False, True, False, False], [True] * 4])
+    p = sched.place(allowed, np.array([0, 1, 0], dtype=np.int64), np.ones(3), 1.0)
+    assert p.pu[:2].tolist() == [0, 1] and p.pu[2] in (2, 3)
+    assert p.got == pytest.approx([1.0, 1.0, 1.0])
+
+
 def test_unpinned_baseline_migrates_and_counts_it_as_the_schedulers() -> None:
     vms = '[[vms]]\nname = "a"\ncount = 2\nvcpus = 2\nworkload = "sort"\nload = 0.5'
     h = host_of(vms)  # 4 half-idle threads on 8 PUs: wakeups land on other idle PUs

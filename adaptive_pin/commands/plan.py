@@ -57,6 +57,7 @@ def move_json(m: Move) -> dict[str, object]:
         "from": m.from_cpus.to_list(),
         "to": m.to_cpus.to_list(),
         "kind": m.kind,
+        "group": m.group,
         "reason": m.reason,
         "predicted_gain": m.predicted_gain,
     }

@@ -130,12 +130,14 @@ class LinuxLikeScheduler:
         # 2. balancing: a PU with >1 runnable gives one away to an idle PU (LLC, node, any)
         for p in self.rng.permutation(np.flatnonzero(count > 1)):
             while count[p] > 1:
+                # can_migrate_task: only a thread whose affinity allows an idle PU is pulled;
+                # a pinned one is skipped and another tried (LBF_SOME_PINNED)
                 here = np.flatnonzero(pu == p)
-                i = int(self.rng.choice(here))
-                idle = allowed[i] & (count == 0)
-                if not idle.any():
+                free = here[(allowed[here] & (count == 0)).any(axis=1)]
+                if len(free) == 0:
                     break
-                move(i, self._pick(idle, count, int(p), load))
+                i = int(self.rng.choice(free))
+                move(i, self._pick(allowed[i] & (count == 0), count, int(p), load))
 
         # 2b. overcommit: even the load between busy queues (nothing is idle to pull to)
         for p in np.argsort(-load):
