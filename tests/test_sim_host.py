@@ -71,7 +71,6 @@ def test_an_overcommitted_host_gets_its_busy_queues_evened_out() -> None:
     assert not p.migrated.any()
 
 
-
 @pytest.mark.parametrize("seed", range(8))
 def test_an_idle_pu_pulls_the_thread_allowed_there_not_the_pinned_one(seed: int) -> None:
     """LLC 0 (PUs 0-1) runs two pinned threads and a floating one stacked on PU 0; LLC 1 is
