@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from adaptive_pin.bench.random_mix import generate
 from adaptive_pin.cli import main
 from adaptive_pin.drivers.base import Driver, open_driver
 from adaptive_pin.drivers.sim import SimDriver
@@ -210,6 +211,25 @@ def test_closed_loop_with_a_policy_records_moves_and_placement() -> None:
     assert r.moves and all(m.tick >= 1 and m.to_cpus for m in r.moves)
     assert {(p.vm, p.vcpu) for p in r.final_placement} == {(v.name, i) for v in r.vms for i in range(v.vcpus)}
     assert r.migrations["controller"] >= 1
+
+
+def test_no_swap_is_ever_half_made_in_a_closed_loop(tmp_path: Path) -> None:
+    # A generated mix on the 128-PU ARM host: at 66 s vm31 and vm5 swap LLCs while vm5, placed
+    # at 56 s, is cooling down. The guard once moved vm31 alone and vm5 followed 50 s later.
+    mix = tmp_path / "mix.toml"
+    mix.write_text(generate(24, 4)[0].text)
+    r = run_scenario(mix, "cache-aware", duration=100, series=False)
+    swaps = [m for m in r.moves if " swaps with " in m.reason]
+    assert swaps  # the case is exercised
+    for m in swaps:
+        other = m.reason.split(" swaps with ")[1].split(" to ")[0]
+        assert any(x.guest == other and x.tick == m.tick for x in r.moves), f"{m.guest} swapped alone"
+    moved: dict[tuple[int, str], int] = {}
+    for m in r.moves:
+        if m.kind != "initial":
+            moved[m.tick, m.guest] = moved.get((m.tick, m.guest), 0) + 1
+    sizes = {v.name: v.vcpus for v in r.vms}
+    assert moved and all(n == sizes[vm] for (_, vm), n in moved.items()), moved  # whole VMs only
 
 
 def test_simulate_command_text_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
