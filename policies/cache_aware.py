@@ -130,6 +130,8 @@ class _VCpuRow:
     dom: int  # where its load is counted now (-1: nowhere)
     pu: int  # PU position it is taken to run on (-1: unknown)
     whole: bool
+    seen_dom: int = -1  # dom as read from the snapshot, before a placement lifts it
+    forced: bool = False  # placed where there was no room (time-sharing with its neighbours)
     # pinned where we may not place anyone (Snapshot.taken, reserved): its demand is on CPUs the
     # domain's capacity already leaves out, so it is not counted against that capacity again
     off_cap: bool = False
@@ -480,6 +482,7 @@ class _World:
                         dom=dom,
                         pu=pu,
                         whole=whole,
+                        seen_dom=dom,
                         off_cap=not movable and weights is None,
                     )
                 )
@@ -537,12 +540,52 @@ class _World:
         self.agg = self._aggregate(exclude={id(r) for rows in floating.values() for r in rows})
         self._load_pus(exclude={id(r) for rows in floating.values() for r in rows})
         placed = self._place(floating, notes)
+        if any(r.forced for r in placed):
+            placed = self._release_forced(placed)
         self._rebalance(prev_active, notes, budget=self.p.max_moves)
         if self.gran in ("pu", "core"):
             moved = sum(1 for r in self.rows if r.kind in ("rebalance", "cohesion"))
             self._balance_pus(budget=self.p.max_moves - moved)
         self._initial_gains(placed)
         return notes
+
+    def _release_forced(self, placed: list[_VCpuRow]) -> list[_VCpuRow]:
+        """Place again, where there is room now, the VMs placed with no room left for them, once
+        the first placements not worth making are dropped.
+
+        The greedy placement fills the host before it knows which placements gain enough to be
+        made: a VM placed last onto a full host (its vCPUs stacked on the last free PU) was
+        placed against neighbours that may stay floating. Those are counted where they run now,
+        and the stacked VM is placed afresh: whole, where it now fits."""
+        self._initial_gains(placed)
+        min_gain = self.p.min_gain
+        low = {r.gi for r in placed if r.kind == "initial" and r.gain < min_gain and not self._required(r)}
+        forced = {r.gi for r in placed if r.forced and r.gi not in self.home} - low
+        if not low or not forced:
+            return placed
+        for r in placed:
+            if r.gi in low:
+                self._add(self.agg, r, r.dom, sign=-1.0, refresh=False)
+                r.dom, r.kind = r.seen_dom, ""
+                if r.dom >= 0:
+                    self._add(self.agg, r, r.dom, sign=1.0, refresh=False)
+        for gi in low | forced:
+            self.agg.KU[gi] = self.agg.UG[gi] @ self.K
+            self.agg.KP[gi] = self.agg.PG[gi] @ self.K
+        kept = [r for r in placed if r.gi not in low]
+        for gi in sorted(forced):
+            rows = [r for r in kept if r.gi == gi]
+            for r in rows:
+                self._add(self.agg, r, r.dom, sign=-1.0, refresh=False)
+                r.dom = r.target_dom = -1
+                r.forced = False
+            self._place_vm(gi, rows)
+        return kept
+
+    def _required(self, r: _VCpuRow) -> bool:
+        """A first placement the operator or the VM asked for, whatever the model thinks it
+        gains: at pu/core granularity, or on whole cores; at llc/node it is optional."""
+        return r.kind == "initial" and (r.whole or self.gran in ("pu", "core"))
 
     # whole_cores VMs: placed when each vCPU holds one whole core (its usable PUs) nobody else holds
     def _check_whole_cores(self) -> None:
@@ -948,6 +991,8 @@ class _World:
                     d = int(np.lexsort((np.arange(self.D), np.round(scores, 12), roomiest))[0])
                 else:  # no room anywhere: time-share, but together
                     d = self._best_domain(scores, free)
+                    for r in todo:
+                        r.forced = True
                 room = free[d] if some.any() else INF
                 take = 0
                 used = 0.0
@@ -1470,10 +1515,7 @@ class _World:
         for r in self.rows:
             if not r.movable or r.dom < 0 or (not r.kind and r.aff_dom < 0):
                 continue
-            # A first placement at pu/core granularity, or on whole cores, is what the operator or
-            # the VM asked for, whatever the model thinks it gains; at llc/node it is optional.
-            required = r.kind == "initial" and (r.whole or self.gran in ("pu", "core"))
-            if required:
+            if self._required(r):
                 r.gain = max(r.gain, 0.0)
             elif r.kind and r.gain < self.p.min_gain:
                 continue  # not worth confining (yet): leave it to the scheduler

@@ -510,3 +510,18 @@ def test_granularity_is_checked() -> None:
 
     with pytest.raises(ValueError, match="granularity must be auto or one of pu, core, llc, node"):
         CacheAwarePolicy(granularity="socket")
+
+
+def test_a_vm_stacked_onto_a_full_host_is_placed_again_when_its_neighbours_stay_floating() -> None:
+    # Three 2-PU LLCs, one PU of the last outside the cpuset. Two quiet VMs fill LLC 0 and 1
+    # first; the light VM is left the last PU and both its vCPUs are stacked there. The quiet
+    # VMs gain too little to be pinned and stay floating, so the host was never full: the light
+    # VM is not left time-sharing one PU (random-5-1, 16amd64-8n2c-cpusets, did: 0.93x none).
+    topo = make_topology(llcs_per_package=3, cores_per_llc=2, threads=1, disallowed=(5,))
+    floating = [topo.usable] * 2
+    guests = [vm("q1", floating), vm("q2", floating), vm("x", floating)]
+    spec = {"q1": (1.0, 2e5), "q2": (1.0, 2e5), "x": (0.6, 1e5)}
+    plan, _ = CacheAwarePolicy().decide(snapshot(topo, guests, load(guests, spec)), None)
+    one_pu = topo.llc[2].cpus & topo.usable
+    assert len(one_pu) == 1
+    assert not [m for m in plan.moves if m.guest_id == "x" and m.to_cpus == one_pu], plan.moves
