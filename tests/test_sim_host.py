@@ -85,6 +85,24 @@ def test_an_idle_pu_pulls_the_thread_allowed_there_not_the_pinned_one(seed: int)
     assert p.got == pytest.approx([1.0, 1.0, 1.0])
 
 
+def test_a_floating_thread_alone_on_a_pu_makes_room_for_two_stacked_pinned_ones() -> None:
+    """Two threads pinned to PUs 0-1 are stacked on PU 0; a floating thread runs alone on PU 1;
+    LLC 1 is idle. No pinned thread may go to an idle PU, so the floating one moves there and
+    a pinned one takes PU 1 (what active balancing reaches in the kernel). It never cleared
+    before: the stacked pair time-shared one PU until a rare cross-LLC wakeup."""
+    topo = synthetic_topology(packages=1, llc_per_package=2, cores_per_llc=2)
+    sched = LinuxLikeScheduler(topo, np.random.default_rng(0))
+    allowed = np.array([[True, True, False, False], [True, True, False, False], [True] * 4])
+    p = sched.place(allowed, np.array([0, 0, 1], dtype=np.int64), np.ones(3), 1.0)
+    assert sorted(p.pu[:2].tolist()) == [0, 1] and p.pu[2] in (2, 3)
+    assert p.got == pytest.approx([1.0, 1.0, 1.0])
+    # nothing idle anywhere: nobody is pushed around
+    full = np.ones((5, 4), dtype=np.bool_)
+    full[:2, 2:] = False
+    p = sched.place(full, np.array([0, 0, 1, 2, 3], dtype=np.int64), np.ones(5), 1.0)
+    assert np.bincount(p.pu, minlength=4).tolist() in ([2, 1, 1, 1], [1, 2, 1, 1])
+
+
 def test_unpinned_baseline_migrates_and_counts_it_as_the_schedulers() -> None:
     vms = '[[vms]]\nname = "a"\ncount = 2\nvcpus = 2\nworkload = "sort"\nload = 0.5'
     h = host_of(vms)  # 4 half-idle threads on 8 PUs: wakeups land on other idle PUs

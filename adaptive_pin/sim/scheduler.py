@@ -18,6 +18,7 @@ Rates and choices are in docs/simulator.md ("Scheduler"); the RNG is seeded by t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,6 +95,32 @@ class LinuxLikeScheduler:
                 return int(np.argmin(np.where(mask, load, np.inf)))
         return -1
 
+    def _make_room(
+        self,
+        stuck: IntArray,
+        allowed: BoolArray,
+        pu: IntArray,
+        count: IntArray,
+        load: FloatArray,
+        move: Callable[[int, int], None],
+    ) -> bool:
+        """Threads stacked on one PU, none allowed on an idle one: free a PU they may use by
+        sending the thread alone on it to an idle PU it may use, then take it.
+
+        What the kernel reaches in a few balancing passes: the idle PU finds only pinned tasks
+        on the busiest queue (LBF_ALL_PINNED) and, the imbalance persisting, active balancing
+        pushes the running task off a queue of one (need_active_balance), which the stacked
+        queue then spreads into."""
+        idle = count == 0
+        for i in stuck.tolist():
+            for q in np.flatnonzero(allowed[i] & (count == 1)).tolist():
+                j = int(np.flatnonzero(pu == q)[0])
+                if (allowed[j] & idle).any():
+                    move(j, self._pick(allowed[j] & idle, count, q, load))
+                    move(i, q)
+                    return True
+        return False
+
     # --- one tick -----------------------------------------------------------------------
     def place(self, allowed: BoolArray, current: IntArray, demand: FloatArray, dt: float) -> Placement:
         """New positions for every thread; ``allowed`` is (N, n_pu), ``current`` -1 if unplaced."""
@@ -135,7 +162,9 @@ class LinuxLikeScheduler:
                 here = np.flatnonzero(pu == p)
                 free = here[(allowed[here] & (count == 0)).any(axis=1)]
                 if len(free) == 0:
-                    break
+                    if not self._make_room(here, allowed, pu, count, load, move):
+                        break
+                    continue
                 i = int(self.rng.choice(free))
                 move(i, self._pick(allowed[i] & (count == 0), count, int(p), load))
 
