@@ -577,7 +577,7 @@ class _World:
             rows = [r for r in kept if r.gi == gi]
             for r in rows:
                 self._add(self.agg, r, r.dom, sign=-1.0, refresh=False)
-                r.dom = r.target_dom = -1
+                r.dom = -1
                 r.forced = False
             self._place_vm(gi, rows)
         return kept
@@ -1387,8 +1387,9 @@ class _World:
         rows = self.rows_of[gi] + self.rows_of[gj]
         old = {r.group for r in rows if r.group}
         group = min(old) if old else f"swap {self.guests[gi].id} {self.guests[gj].id}"
-        for r in (r for r in self.rows if r.group in old) if old else ():
-            r.group = group
+        for r in self.rows:
+            if r.group in old:
+                r.group = group
         for r in rows:
             r.group = group
 
