@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import pytest
 
 from adaptive_pin.bench import targets
@@ -50,6 +51,42 @@ def test_targets_are_judged_on_what_ran(capsys: pytest.CaptureFixture[str]) -> N
     measured = next(r["ws_vs_none"] for r in sc["rows"] if r["policy"] == "cache-aware")
     assert ws["measured"] == pytest.approx(measured)
     assert ws["status"] == (targets.PASS if measured >= 1.10 else targets.MISS)
+
+
+def test_ws_targets_carry_what_the_best_placement_itself_reaches(capsys: pytest.CaptureFixture[str]) -> None:
+    _, doc = bench_json(capsys, "--policy", "cache-aware", "--policy", "pack", "--policy", "numa")
+    (sc,) = doc["scenarios"]
+    best = sc["best"]
+    assert best["method"] == "exhaustive" and best["exact"]
+    rows = {r["policy"]: r for r in sc["rows"]}
+
+    def steady(policy: str) -> float:
+        return float(np.median([run["steady_ws"] for run in rows[policy]["runs"]]))
+
+    by_name = {t["name"]: t for t in doc["targets"]}
+    for name, against, bound in (
+        ("weighted speedup vs none", ["none"], 1.10),
+        ("weighted speedup vs best static (pack, uncore, numa)", ["pack", "numa"], 1.05),
+    ):
+        t = by_name[name]
+        ceiling = best["best_ws"] / max(steady(p) for p in against)
+        assert f"demo {ceiling:.3g}" in t["ceiling"]
+        # an exhaustive ceiling below the goal says no placement reaches it on that scenario
+        assert t["unreachable"] == (["demo"] if ceiling < bound else [])
+    assert by_name["MPKI vs none"]["ceiling"] == ""  # the search scores weighted speedup only
+
+
+def test_only_an_exhaustive_ceiling_can_call_a_goal_unreachable() -> None:
+    base = targets.TargetResult("ws", "mixed scenarios", ">= 1.1", 1.0, targets.MISS, "a 1.0, b 1.0")
+    out = targets._with_ceiling(
+        base, [targets.Ceiling("a", 1.04, exact=True), targets.Ceiling("b", 1.02, exact=False)], 1.10
+    )
+    assert out.unreachable == ("a",)  # b's whole-VM best is a lower bound: its true best may be higher
+    assert "a 1.04" in out.ceiling and "b >= 1.02" in out.ceiling and "lower bound" in out.ceiling
+    assert out.status == targets.MISS and out.measured == 1.0  # the verdict is the policy's, unchanged
+    assert targets._with_ceiling(base, [], 1.10) == base
+    met = targets._with_ceiling(base, [targets.Ceiling("a", 1.2, exact=True)], 1.10)
+    assert met.unreachable == () and "below the goal" not in met.ceiling
 
 
 def test_strict_exits_1_exactly_when_a_target_is_missed(capsys: pytest.CaptureFixture[str]) -> None:
