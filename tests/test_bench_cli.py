@@ -73,7 +73,11 @@ def test_ws_targets_carry_what_the_best_placement_itself_reaches(capsys: pytest.
         assert f"demo {ceiling:.3g}" in t["ceiling"]
         # an exhaustive ceiling below the goal says no placement reaches it on that scenario
         assert t["unreachable"] == (["demo"] if ceiling < bound else [])
-    assert by_name["MPKI vs none"]["ceiling"] == ""  # the search scores weighted speedup only
+    # MPKI gets the best placement's own MPKI (chosen by WS, so no ceiling), and never "unreachable"
+    mpki = by_name["MPKI vs none"]
+    none_mpki = float(np.median([run["steady_mpki"] for run in rows["none"]["runs"]]))
+    assert best["best_mpki"] > 0 and f"demo {best['best_mpki'] / none_mpki:.3g}" in mpki["ceiling"]
+    assert mpki["unreachable"] == []
 
 
 def test_only_an_exhaustive_ceiling_can_call_a_goal_unreachable() -> None:

@@ -64,6 +64,7 @@ class BestPlacement:
     assignment: Mapping[str, tuple[int, ...]]  # VM -> vCPUs in each domain
     wall_s: float
     full_candidates: int  # the full space's size (== candidates when exact)
+    best_mpki: float | None = None  # the best placement's aggregate MPKI (it is chosen by WS alone)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,12 @@ def static_case(scenario: Scenario, duration: float, topology: Topology | None =
 
 def steady_ws(case: StaticCase, affinity: Mapping[VCpuName, CpuSet]) -> float:
     """Weighted speedup of ``case`` in steady state with these affinities (others: the default)."""
+    return steady(case, affinity)[0]
+
+
+def steady(case: StaticCase, affinity: Mapping[VCpuName, CpuSet]) -> tuple[float, float | None]:
+    """Weighted speedup and aggregate MPKI (LLC misses per 1000 instructions, None with no
+    instructions) of ``case`` in steady state with these affinities (others: the default)."""
     host = SimHost(case.scenario, topology=case.topology)
     for vm in host.vms.values():
         for th in vm.threads:
@@ -108,7 +115,10 @@ def steady_ws(case: StaticCase, affinity: Mapping[VCpuName, CpuSet]) -> float:
                 host.pin(vm.id, th.index, cpus)
     for _ in range(WARMUP_TICKS):
         host.step()
-    return sum(host.step().weighted_speedup for _ in range(MEASURE_TICKS)) / MEASURE_TICKS
+    ticks = [host.step() for _ in range(MEASURE_TICKS)]
+    instructions = sum(t.instructions for t in ticks)
+    mpki = sum(t.llc_misses for t in ticks) / instructions * 1000.0 if instructions > 0 else None
+    return sum(t.weighted_speedup for t in ticks) / MEASURE_TICKS, mpki
 
 
 def _classes(case: StaticCase) -> list[list[VmSpec]]:
@@ -194,13 +204,13 @@ def _best_of(
     case: StaticCase, method: str, assignments: Iterator[dict[str, tuple[int, ...]]], n: int, n_full: int
 ) -> BestPlacement:
     t0 = time.perf_counter()
-    best: tuple[float, dict[str, tuple[int, ...]]] | None = None
+    best: tuple[float, float | None, dict[str, tuple[int, ...]]] | None = None
     worst = math.inf
     for assignment in assignments:
-        ws = steady_ws(case, affinity_of(case, assignment))
+        ws, mpki = steady(case, affinity_of(case, assignment))
         worst = min(worst, ws)
         if best is None or ws > best[0] + 1e-12:
-            best = (ws, assignment)
+            best = (ws, mpki, assignment)
     assert best is not None  # at least one movable VM: at least one candidate
     return BestPlacement(
         method=method,
@@ -209,9 +219,10 @@ def _best_of(
         best_ws=best[0],
         worst_ws=worst,
         domains=tuple(d.to_list() for d in case.domains),
-        assignment=best[1],
+        assignment=best[2],
         wall_s=time.perf_counter() - t0,
         full_candidates=n_full,
+        best_mpki=best[1],
     )
 
 

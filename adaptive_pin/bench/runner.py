@@ -47,6 +47,7 @@ class RunFigures:
     controller_errors: int
     wall_s: float
     memory_migrations: int = 0  # VMs whose memory the controller migrated
+    steady_mpki: float | None = None  # aggregate MPKI of its final placement in the static case
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,9 @@ def _final_affinity(result: SimResult) -> dict[optimal.VCpuName, CpuSet]:
 
 
 def _figures(result: SimResult, sc: Scenario, case: optimal.StaticCase | None, scored: bool) -> RunFigures:
-    steady_ws = optimal.steady_ws(case, _final_affinity(result)) if case is not None and scored else None
+    steady_ws, steady_mpki = (
+        optimal.steady(case, _final_affinity(result)) if case is not None and scored else (None, None)
+    )
     return RunFigures(
         seed=result.seed,
         weighted_speedup=result.weighted_speedup,
@@ -154,6 +157,7 @@ def _figures(result: SimResult, sc: Scenario, case: optimal.StaticCase | None, s
         controller_errors=sum(result.controller_errors.values()),
         wall_s=result.wall_s,
         memory_migrations=result.migrations.get("memory", 0),
+        steady_mpki=steady_mpki,
     )
 
 

@@ -16,6 +16,10 @@ goal means no placement at the search's granularity (LLC domains) meets the goal
 on that scenario is the scenario's, not the policy's; a whole-VM ceiling is a lower bound of the
 true one and proves nothing unreachable. The ceiling is steady state while the target is over the
 whole run, arrivals included, so it is a guide, not a bound the run cannot exceed.
+
+The MPKI target gets no ceiling (the search maximises weighted speedup, not MPKI) but the best
+placement's own MPKI against none's final placement, scored the same way: where the placement
+with the best WS misses the MPKI goal, the two goals pull apart on that scenario.
 """
 
 from __future__ import annotations
@@ -86,6 +90,27 @@ def ceilings(benches: Sequence[ScenarioBench], against: Sequence[str]) -> list[C
         if base is not None and base > 0:
             out.append(Ceiling(sb.scenario, sb.best.best_ws / base, sb.best.exact))
     return out
+
+
+def best_mpki(benches: Sequence[ScenarioBench]) -> list[Ceiling]:
+    """Per scenario with a best placement: its steady MPKI over none's final placement's."""
+    out = []
+    for sb in benches:
+        if not isinstance(sb.best, optimal.BestPlacement) or sb.best.best_mpki is None:
+            continue
+        row = _row(sb, "none")
+        base = [r.steady_mpki for r in row.runs if r.steady_mpki is not None] if row is not None else []
+        if base and statistics.median(base) > 0:
+            out.append(Ceiling(sb.scenario, sb.best.best_mpki / statistics.median(base), sb.best.exact))
+    return out
+
+
+def _with_best_mpki(result: TargetResult, found: Sequence[Ceiling]) -> TargetResult:
+    if not found:
+        return result
+    text = ", ".join(f"{c.scenario} {c.value:.3g}{'' if c.exact else ' (whole VMs)'}" for c in found)
+    line = f"the best placement's own MPKI (it is chosen by weighted speedup; steady state): {text}"
+    return dataclasses.replace(result, ceiling=line)
 
 
 def _with_ceiling(result: TargetResult, found: Sequence[Ceiling], bound: float) -> TargetResult:
@@ -171,7 +196,10 @@ def evaluate(benches: Sequence[ScenarioBench], decision: DecisionTime | None) ->
             ceilings(mixed, STATIC_BASELINES),
             1.05,
         ),
-        _judge("MPKI vs none", "mixed scenarios", mixed, _subject(lambda r: r.mpki_vs_none), 0.85, False),
+        _with_best_mpki(
+            _judge("MPKI vs none", "mixed scenarios", mixed, _subject(lambda r: r.mpki_vs_none), 0.85, False),
+            best_mpki(mixed),
+        ),
         _judge(
             "share of the best placement",
             _best_scope(benches),
