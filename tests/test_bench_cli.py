@@ -161,9 +161,26 @@ def test_random_alone_runs_only_the_mixes_and_summarises_them(capsys: pytest.Cap
     vs_none = mixes["vs_none"]
     assert vs_none["worst"] == pytest.approx(min(ratios)) and vs_none["best"] == pytest.approx(max(ratios))
     assert vs_none["wins"] == sum(1 for x in ratios if x > 1.0 + 1e-9) and vs_none["count"] == 2
+    # The stability targets' bounds, counted over the mixes: how many would fail, and the worst.
+    over = {o["name"]: o for o in mixes["over"]}
+    settle = [
+        next(r["settle_ticks_max"] for r in sc["rows"] if r["policy"] == "cache-aware")
+        for sc in doc["scenarios"]
+    ]
+    s = over["control ticks to settle after an arrival"]
+    assert s["bound"] == 3.0 and s["count"] == 2 and s["worst"] == max(settle)
+    assert s["over"] == sum(1 for x in settle if x > 3.0)
+    steady = [
+        next(r["steady_migrations_per_vcpu_hour"] for r in sc["rows"] if r["policy"] == "cache-aware")
+        for sc in doc["scenarios"]
+    ]
+    m = over["migrations per vCPU-hour once settled"]
+    assert m["count"] == sum(1 for x in steady if x is not None)  # a mix may never settle: no figure
+    assert m["over"] == sum(1 for x in steady if x is not None and x > 1.0)
     # The WS targets are about the shipped mixed scenarios: the generated ones do not count there.
     ws = next(t for t in doc["targets"] if t["name"] == "weighted speedup vs none")
     assert ws["status"] == targets.NA
     rc = main([*argv, "--random", "1", "--scenario", "demo"])
     text, _ = capsys.readouterr()
     assert rc == 0 and "== demo" in text and "== random-0-0" in text and "== random mixes" in text
+    assert "control ticks to settle after an arrival above 3: " in text

@@ -120,6 +120,10 @@ def random_text(m: MixSummary, options: BenchOptions) -> str:
             lines.append(f"{label:<18}  -")
             continue
         lines.append(_spread_line(label, spread))
+    for o in m.over:
+        lines.append(
+            f"{o.name} above {o.bound:g}: {o.over}/{o.count} mixes (worst {o.worst:.3g}, {o.worst_scenario})"
+        )
     lines.append(
         "  rerun one alone: its TOML is in --json (scenarios[].source), or regenerate with the same flags"
     )

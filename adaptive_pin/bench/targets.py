@@ -213,7 +213,7 @@ def evaluate(benches: Sequence[ScenarioBench], decision: DecisionTime | None) ->
             "every scenario with a steady state",
             benches,
             _subject(lambda r: r.steady_migrations_per_vcpu_hour),
-            1.0,
+            STEADY_BOUND,
             False,
         ),
         _judge(
@@ -221,7 +221,7 @@ def evaluate(benches: Sequence[ScenarioBench], decision: DecisionTime | None) ->
             "every scenario",
             benches,
             _subject(lambda r: r.settle_ticks_max),
-            3.0,
+            SETTLE_BOUND,
             False,
         ),
     ]
@@ -257,12 +257,38 @@ class RatioSpread:
 
 
 @dataclass(frozen=True)
+class OverBound:
+    """How many generated mixes a per-scenario target's bound would fail, and the worst."""
+
+    name: str
+    bound: float  # the target's bound (at most this)
+    over: int  # mixes above it
+    count: int  # mixes with the figure
+    worst: float
+    worst_scenario: str
+
+
+@dataclass(frozen=True)
 class MixSummary:
-    """How cache-aware did on the generated mixes (bench --random): no targets, the spread."""
+    """How cache-aware did on the generated mixes (bench --random): no targets, the spread, and
+    how many mixes the per-scenario stability targets' bounds would fail."""
 
     scenarios: int
     vs_none: RatioSpread | None
     vs_best_static: RatioSpread | None
+    over: tuple[OverBound, ...] = ()
+
+
+STEADY_BOUND = 1.0  # migrations per vCPU-hour once settled (the target's bound)
+SETTLE_BOUND = 3.0  # control ticks from an arrival to its last move
+
+
+def _over(name: str, bound: float, values: Sequence[tuple[str, float | None]]) -> OverBound | None:
+    known = [(n, v) for n, v in values if v is not None]
+    if not known:
+        return None
+    worst_name, worst = max(known, key=lambda nv: nv[1])
+    return OverBound(name, bound, sum(1 for _, v in known if v > bound + 1e-9), len(known), worst, worst_name)
 
 
 def _spread(values: Sequence[tuple[str, float | None]]) -> RatioSpread | None:
@@ -287,8 +313,21 @@ def random_summary(benches: Sequence[ScenarioBench]) -> MixSummary | None:
     if not mixes:
         return None
     me = [(sb.scenario, _row(sb, SUBJECT)) for sb in mixes]
+    over = (
+        _over(
+            "migrations per vCPU-hour once settled",
+            STEADY_BOUND,
+            [(n, r.steady_migrations_per_vcpu_hour if r else None) for n, r in me],
+        ),
+        _over(
+            "control ticks to settle after an arrival",
+            SETTLE_BOUND,
+            [(n, r.settle_ticks_max if r else None) for n, r in me],
+        ),
+    )
     return MixSummary(
         scenarios=len(mixes),
         vs_none=_spread([(n, r.ws_vs_none if r else None) for n, r in me]),
         vs_best_static=_spread([(sb.scenario, vs_best_static(sb)) for sb in mixes]),
+        over=tuple(o for o in over if o is not None),
     )
