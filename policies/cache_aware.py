@@ -110,7 +110,10 @@ SMT_LOSS = 0.35  # two busy threads on a core do ~1.3x one thread's work: each l
 SMT_PAIR_LOSS = 0.35
 BUSY = 0.5  # a vCPU using at least half a CPU is "busy" for PU and SMT choices
 REFIT_GAIN = 1.0
-IMPROVE_ROUNDS = 2  # passes over the newly placed VMs after the greedy placement
+IMPROVE_ROUNDS = 2
+# A VM left floating because confining it gained too little is confined later only for twice
+# that: a gain that creeps across min_gain as caches warm is noise, not a reason to move.
+FLOATING_HYSTERESIS = 2.0  # passes over the newly placed VMs after the greedy placement
 INF = math.inf
 
 
@@ -248,7 +251,9 @@ class CacheAwarePolicy:
                     and all(isinstance(x, int | float) and not isinstance(x, bool) for x in val)
                 ):
                     prev_counts[key] = [float(val[0]), float(val[1])]
-        world = _World(snapshot, self, gran, prev_counts)
+        floating = old.get("floating") if old else None
+        left = {g for g in floating if isinstance(g, str)} if isinstance(floating, list) else set()
+        world = _World(snapshot, self, gran, prev_counts, left)
         notes = world.run(prev_active)
         if self.granularity == AUTO and gran != "llc":
             notes.insert(0, f"granularity auto: {gran} on this host (its LLC domains are single cores)")
@@ -264,6 +269,8 @@ class CacheAwarePolicy:
             "granularity": gran,
             "active": sorted(int(world.labels[d]) for d in world.active),
         }
+        if world.left_floating:
+            new_state["floating"] = sorted(world.left_floating)
         if world.counts:  # only when the PMU gives LLC references and misses
             new_state["counts"] = {k: world.counts[k] for k in sorted(world.counts)}
         return plan, new_state
@@ -278,9 +285,12 @@ class _World:
         policy: CacheAwarePolicy,
         gran: Granularity,
         prev_counts: dict[str, list[float]] | None = None,
+        left: set[str] | None = None,
     ) -> None:
         self.s = snapshot
         self.prev_counts = prev_counts or {}
+        self.prev_left = left or set()  # guests the last decision left floating (gain too small)
+        self.left_floating: set[str] = set()
         self.counts: dict[str, list[float]] = {}  # "guest/vcpu" -> [LLC references, misses] now
         self.p = policy
         self.gran = gran
@@ -1511,6 +1521,11 @@ class _World:
             pos = np.array([r.pu] if free[r.pu] else [], dtype=np.int64)
         return CpuSet(topo.pus[int(p)] for p in pos)
 
+    def _gain_needed(self, r: _VCpuRow) -> float:
+        if r.kind == "initial" and r.guest.id in self.prev_left:
+            return self.p.min_gain * FLOATING_HYSTERESIS
+        return self.p.min_gain
+
     def targets(self) -> list[Target]:
         out: list[Target] = []
         for r in self.rows:
@@ -1518,7 +1533,9 @@ class _World:
                 continue
             if self._required(r):
                 r.gain = max(r.gain, 0.0)
-            elif r.kind and r.gain < self.p.min_gain:
+            elif r.kind and r.gain < self._gain_needed(r):
+                if r.kind == "initial" and r.known:
+                    self.left_floating.add(r.guest.id)
                 continue  # not worth confining (yet): leave it to the scheduler
             if r.pu < 0 and self.gran in ("pu", "core"):
                 continue

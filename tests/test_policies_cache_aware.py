@@ -525,3 +525,29 @@ def test_a_vm_stacked_onto_a_full_host_is_placed_again_when_its_neighbours_stay_
     one_pu = topo.llc[2].cpus & topo.usable
     assert len(one_pu) == 1
     assert not [m for m in plan.moves if m.guest_id == "x" and m.to_cpus == one_pu], plan.moves
+
+
+def test_a_vm_left_floating_for_too_small_a_gain_needs_twice_as_much_to_be_confined() -> None:
+    everywhere = LLC0 | LLC1
+    guests = [vm("h", [LLC0] * 2), vm("f", [everywhere] * 2, last_cpus=[0, 4])]
+    snap = snapshot(TOPO, guests, load(guests, {"h": (1.0, HUNGRY), "f": (0.5, HUNGRY / 8)}))
+
+    def plan_for(min_gain: float, state: object | None = None) -> tuple[list[str], object]:
+        policy = CacheAwarePolicy(min_gain=min_gain)
+        plan, new = policy.decide(snap, policy.initial_state() if state is None else state)
+        return [m.guest_id for m in plan.moves if m.kind == "initial"], new
+
+    (gain,) = {
+        m.predicted_gain
+        for m in CacheAwarePolicy(min_gain=0.0).decide(snap, None)[0].moves
+        if m.guest_id == "f"
+    }
+    assert gain > 0
+    placed, _ = plan_for(0.75 * gain)
+    assert placed == ["f", "f"]  # fresh: the gain clears min_gain
+    left, state = plan_for(1.5 * gain)
+    assert left == [] and state["floating"] == ["f"]  # type: ignore[index]
+    held, state2 = plan_for(0.75 * gain, state)
+    assert held == [] and state2["floating"] == ["f"]  # type: ignore[index]
+    placed, state3 = plan_for(0.4 * gain, state)  # twice min_gain is 0.8 x the gain: placed
+    assert placed == ["f", "f"] and "floating" not in state3  # type: ignore[operator]
