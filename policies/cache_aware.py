@@ -110,10 +110,10 @@ SMT_LOSS = 0.35  # two busy threads on a core do ~1.3x one thread's work: each l
 SMT_PAIR_LOSS = 0.35
 BUSY = 0.5  # a vCPU using at least half a CPU is "busy" for PU and SMT choices
 REFIT_GAIN = 1.0
-IMPROVE_ROUNDS = 2
+IMPROVE_ROUNDS = 2  # passes over the newly placed VMs after the greedy placement
 # A VM left floating because confining it gained too little is confined later only for twice
 # that: a gain that creeps across min_gain as caches warm is noise, not a reason to move.
-FLOATING_HYSTERESIS = 2.0  # passes over the newly placed VMs after the greedy placement
+FLOATING_HYSTERESIS = 2.0
 INF = math.inf
 
 
@@ -568,8 +568,11 @@ class _World:
         placed against neighbours that may stay floating. Those are counted where they run now,
         and the stacked VM is placed afresh: whole, where it now fits."""
         self._initial_gains(placed)
-        min_gain = self.p.min_gain
-        low = {r.gi for r in placed if r.kind == "initial" and r.gain < min_gain and not self._required(r)}
+        low = {
+            r.gi
+            for r in placed
+            if r.kind == "initial" and r.gain < self._gain_needed(r) and not self._required(r)
+        }
         forced = {r.gi for r in placed if r.forced and r.gi not in self.home} - low
         if not low or not forced:
             return placed

@@ -67,7 +67,7 @@ def test_whole_vm_candidates_are_the_full_spaces_unsplit_ones() -> None:
 
 def test_whole_vm_search_finds_the_best_unsplit_placement() -> None:
     case = tiny_case(TWO_VMS)
-    scored = [(optimal.steady_ws(case, optimal.affinity_of(case, a)), a) for a in optimal.candidates(case)]
+    scored = [(optimal.steady(case, optimal.affinity_of(case, a))[0], a) for a in optimal.candidates(case)]
     full, whole = optimal.search_full(case), optimal.search_whole_vms(case)
     assert (full.method, full.exact, full.candidates) == (optimal.METHOD, True, 9)
     assert (whole.method, whole.exact, whole.candidates) == (optimal.WHOLE_VM_METHOD, False, 4)

@@ -99,11 +99,6 @@ def static_case(scenario: Scenario, duration: float, topology: Topology | None =
     return StaticCase(static, topo, domains, movable)
 
 
-def steady_ws(case: StaticCase, affinity: Mapping[VCpuName, CpuSet]) -> float:
-    """Weighted speedup of ``case`` in steady state with these affinities (others: the default)."""
-    return steady(case, affinity)[0]
-
-
 def steady(case: StaticCase, affinity: Mapping[VCpuName, CpuSet]) -> tuple[float, float | None]:
     """Weighted speedup and aggregate MPKI (LLC misses per 1000 instructions, None with no
     instructions) of ``case`` in steady state with these affinities (others: the default)."""
