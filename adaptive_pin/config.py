@@ -444,8 +444,8 @@ SECTIONS: tuple[Section, ...] = (
             Option(
                 "llc_references_event",
                 Text(),
-                "Event counted as LLC references (cache-aware reads cache sensitivity off the hit "
-                "share): " + _EVENT_DOC,
+                "Event counted as LLC references (cache-aware weighs a vCPU's cache sensitivity by "
+                "its hits, references minus misses): " + _EVENT_DOC,
             ),
             Option("exclude_kernel", Boolean(), "Count user space only (perf's :u), as paranoid 2 requires."),
             Option(

@@ -70,9 +70,10 @@ from collectors.perf_abi import (
 log = logging.getLogger(__name__)
 
 # model counter name -> perf event name (perf's spelling, rNNNN, or a libpfm4 name).
-# cache-references beside cache-misses: cache-aware reads a vCPU's cache sensitivity off its
-# LLC hit share. Four hardware events fit one group on every x86 PMU (cycles and instructions
-# take fixed counters on Intel), so nothing is multiplexed.
+# cache-references beside cache-misses: cache-aware weighs a vCPU's cache sensitivity by its
+# LLC hits (what a smaller cache share turns into misses). Four hardware events fit one group
+# on every x86 PMU (cycles and instructions take fixed counters on Intel), so nothing is
+# multiplexed.
 DEFAULT_EVENTS: Mapping[str, str] = {
     CYCLES: "cycles",
     INSTRUCTIONS: "instructions",

@@ -6,11 +6,13 @@ plus run-queue wait, per second) and an LLC miss rate m_i (misses/s). Placement 
 of the throughput all vCPUs lose, in **vCPU-equivalents** (1.0 = one vCPU's full work), as the
 sum of four terms:
 
-- contention: a vCPU's misses grow by m_i * F_i / M_d, F_i the miss traffic of *other* VMs in
-  its domain, M_d the foreign traffic that would double them (``contention_misses_per_s`` per
-  8 MiB of LLC); each extra miss stalls ``miss_cost_ns``. Counted for both sides of each pair
-  this is 2 t m_i F_i / M_d -- superlinear, so hungry VMs are spread over distinct domains and
-  paired with quiet ones (the DI heuristic of Zhuravlev et al., ASPLOS 2010);
+- contention: a vCPU's misses grow by v_i * F_i / M_d, F_i the miss traffic of *other* VMs in
+  its domain, M_d ``contention_misses_per_s`` per 8 MiB of LLC, v_i its misses at risk:
+  HIT_LOSS x its LLC hits/s where the PMU counts references (a streamer has none to lose),
+  else its misses m_i (M_d is then the foreign traffic that doubles them); each extra miss
+  stalls ``miss_cost_ns``. Counted for both sides of each pair, t (v_i m_j + v_j m_i) / M_d:
+  the "Pain" of Zhuravlev et al. (ASPLOS 2010), sensitivity of one times intensity of the
+  other; with m for v it is their distributed-intensity proxy, hungry VMs apart;
 - cohesion: a ``sharing`` fraction of a vCPU's misses is data its sibling vCPUs also use; for
   the share of its VM's CPU time in other domains those become cross-domain transfers, costed
   by SLIT distance / 10 (1 in the same node, ~2 across nodes);
@@ -114,6 +116,13 @@ IMPROVE_ROUNDS = 2  # passes over the newly placed VMs after the greedy placemen
 # A VM left floating because confining it gained too little is confined later only for twice
 # that: a gain that creeps across min_gain as caches warm is noise, not a reason to move.
 FLOATING_HYSTERESIS = 2.0
+# Foreign miss traffic M_d turns this share of a vCPU's LLC hits into misses: what a vCPU stands
+# to lose is its hits, not its misses (a cache-resident build with few misses loses most beside
+# a streamer; its occupancy share, ~ its insertion rate over the domain's, collapses).
+HIT_LOSS = 0.3
+# Hits per miss over the last interval are applied to the current miss rate: the cap bounds
+# what a stale ratio makes of a miss rate that changed since (a phase change inside the interval).
+MAX_HITS_PER_MISS = 100.0
 INF = math.inf
 
 
@@ -127,7 +136,7 @@ class _VCpuRow:
     known: bool  # rates sampled: utilization known
     m: float  # LLC misses/s (measured or assumed)
     measured: bool
-    w: float  # cache sensitivity: share of its LLC accesses that hit (1.0 when unknown)
+    w: float  # misses at risk per miss: HIT_LOSS x LLC hits per miss (1.0 when unknown)
     aff_dom: int  # the one domain the affinity lies in (usable part), else -1
     aff_weights: FloatArray | None  # share of the affinity's usable PUs per domain
     dom: int  # where its load is counted now (-1: nowhere)
@@ -152,7 +161,7 @@ class _Aggregates:
     L: FloatArray  # CPU demand per domain on its capacity (whole_cores VMs and vCPUs pinned
     # to taken/reserved CPUs excluded: they run on PUs the capacity leaves out)
     PG: FloatArray  # misses/s per (guest, domain)
-    W: FloatArray  # sensitivity-weighted misses/s (w * m) per domain
+    W: FloatArray  # misses/s at risk (w * m) per domain
     WG: FloatArray  # the same per (guest, domain)
     UG: FloatArray  # demand per (guest, domain)
     UT: FloatArray  # total demand per guest (for cohesion shares)
@@ -498,12 +507,14 @@ class _World:
                 )
 
     def _sensitivity(self, guest: Guest, v: VCpu, r: VCpuRates | None) -> float:
-        """Share of the vCPU's LLC accesses that hit since the last decision (1.0: unknown).
+        """Misses at risk per miss: HIT_LOSS x the vCPU's LLC hits per miss since the last
+        decision (1.0, the misses themselves, when unknown).
 
         Read off the cumulative LLC reference and miss counts (``VCpuRates.totals``), over the
         interval since the previous decide() (their values are kept in the state), else over
         the thread's life. A streaming thread misses on every access whatever its share of the
-        cache: it gains nothing from cache, so it costs its neighbours but loses nothing itself.
+        cache: it costs its neighbours but has no hits to lose (0); a cache-resident one has
+        many hits per miss and loses most when a neighbour's traffic takes its share.
         """
         if r is None:
             return 1.0
@@ -518,7 +529,9 @@ class _World:
             d_refs, d_miss = refs - prev[0], misses - prev[1]
         if not d_refs > 0:
             return 1.0
-        return float(min(1.0, max(0.0, 1.0 - d_miss / d_refs)))
+        hits = max(0.0, d_refs - d_miss)
+        per_miss = min(MAX_HITS_PER_MISS, hits / d_miss) if d_miss > 0 else MAX_HITS_PER_MISS * (hits > 0)
+        return float(HIT_LOSS * per_miss)
 
     # ------------------------------------------------------------------ the run
     def run(self, prev_active: set[int]) -> list[str]:
@@ -735,7 +748,7 @@ class _World:
     def _vm_sums(
         self, vms: Sequence[int], by_vm: Mapping[int, Sequence[_VCpuRow]]
     ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
-        """Per VM (rows) and domain: its rows' misses/s, sensitivity-weighted misses/s, demand
+        """Per VM (rows) and domain: its rows' misses/s, misses/s at risk, demand
         and count, in one pass over the rows."""
         rows = [r for gi in vms for r in by_vm[gi]]
         n, nr = len(vms), len(rows)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adaptive_pin.model import CpuSet, Guest, Plan, Snapshot, VCpuKey, VCpuRates
-from policies.cache_aware import CacheAwarePolicy
+from policies.cache_aware import HIT_LOSS, CacheAwarePolicy
 from tests.policy_helpers import apply_plan, guest, llc_of, make_topology, rates, snapshot
 
 TOPO = make_topology()
@@ -240,7 +240,26 @@ def test_sensitivity_is_measured_over_the_last_interval() -> None:
     _, state2 = policy.decide(snap, state)
     assert isinstance(state2, dict) and state2["counts"] == {"a/0": [1.5e9, 6e8]}
     assert _World(snap, policy, "llc", {"a/0": [1e9, 1e8]}).rows[0].w == 0.0  # 5e8 of 5e8 missed
-    assert abs(_World(snap, policy, "llc", {}).rows[0].w - 0.6) < 1e-9  # lifetime: 6e8 of 1.5e9
+    lifetime = _World(snap, policy, "llc", {}).rows[0].w  # 9e8 hits per 6e8 misses
+    assert abs(lifetime - HIT_LOSS * 1.5) < 1e-9
+
+
+def test_a_streamer_is_placed_beside_the_vm_with_fewer_hits_to_lose_not_fewer_misses() -> None:
+    # "build" is cache-resident (99 hits per miss, few misses), "sorter" misses 12x as often
+    # but hits less. Beside a streamer build would lose far more: its hits are what a smaller
+    # share of the cache turns into misses. So the streamer goes to sorter's LLC (neither
+    # 5-vCPU VM fits beside the other: the streamer must share with one of them).
+    floating = [TOPO.online] * 2
+    guests = [vm("build", [LLC0] * 5), vm("sorter", [LLC1] * 5), vm("stream", floating)]
+    r = {}
+    for g in guests:
+        misses, hit_share = {"build": (4e5, 0.99), "sorter": (5e6, 0.7), "stream": (HUNGRY, 0.0)}[g.id]
+        for v in g.vcpus:
+            r[(g.id, v.index)] = counted(1.0, misses, hit_share)
+    final, _, plans = settle(CacheAwarePolicy(), snapshot(TOPO, guests, r))
+    assert not plans[-1].moves, "did not settle"
+    assert llcs(final, "stream") == llcs(final, "sorter") == {1}
+    assert llcs(final, "build") == {0}
 
 
 # --------------------------------------------------------------------------------------
