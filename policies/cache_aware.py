@@ -147,8 +147,6 @@ class _VCpuRow:
     # pinned where we may not place anyone (Snapshot.taken, reserved): its demand is on CPUs the
     # domain's capacity already leaves out, so it is not counted against that capacity again
     off_cap: bool = False
-    target_dom: int = -1
-    target_pu: int = -1
     kind: str = ""
     gain: float = 0.0
     why: str = ""
@@ -1063,7 +1061,6 @@ class _World:
                     if not todo:
                         break
                     r = todo.pop(0)
-                    r.target_pu = int(p)
                     self._assign(r, d, "initial", pu=int(p))
         return True
 
@@ -1076,7 +1073,7 @@ class _World:
             if r.dom >= 0:
                 self._add(self.agg, r, r.dom, sign=-1.0, refresh=False)
             self._add(self.agg, r, d, sign=1.0, refresh=False)
-            r.dom = r.target_dom = d
+            r.dom = d
             r.kind = kind
             chosen = pu
             if chosen is None and self.gran in ("pu", "core"):
@@ -1087,7 +1084,7 @@ class _World:
                     self.pl[r.pu] -= took
                     self.pl_guest[r.pu][r.gi] -= took
                 self._pu_add(chosen, r.gi, r.u)
-                r.pu = r.target_pu = chosen
+                r.pu = chosen
         for gi in {r.gi for r in rows}:
             self.agg.KU[gi] = self.agg.UG[gi] @ self.K
             self.agg.KP[gi] = self.agg.PG[gi] @ self.K
