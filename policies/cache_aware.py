@@ -980,12 +980,13 @@ class _World:
         return masked
 
     def _best_domain(self, scores: FloatArray, free: FloatArray) -> int:
-        # lowest cost; among equals the most free capacity, then the lowest index
+        # lowest cost; among equals the most free capacity, then the most LLC (an asymmetric
+        # host's big cache for a VM that costs the same anywhere), then the lowest index
         rounded = np.round(scores, 12)
         best = int(np.argmin(rounded))
         if np.count_nonzero(rounded == rounded[best]) == 1:
             return best
-        order = np.lexsort((np.arange(self.D), -free, rounded))
+        order = np.lexsort((np.arange(self.D), -self.M, -free, rounded))
         return int(order[0])
 
     def _place_vm(self, gi: int, rows: list[_VCpuRow]) -> list[_VCpuRow]:

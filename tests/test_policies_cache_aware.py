@@ -244,6 +244,18 @@ def test_sensitivity_is_measured_over_the_last_interval() -> None:
     assert abs(lifetime - HIT_LOSS * 1.5) < 1e-9
 
 
+def test_a_vm_that_costs_the_same_anywhere_gets_the_bigger_llc() -> None:
+    # An asymmetric host (a DGX Spark's 8 and 16 MiB L3s): alone, a VM costs the same in either
+    # domain and both are empty; the tie goes to the bigger cache, not to the lower index.
+    small, big = replace(TOPO.llc[0], size_bytes=4 << 20), replace(TOPO.llc[1], size_bytes=16 << 20)
+    topo = replace(TOPO, llc=(small, big), l3=(small, big))
+    guests = [vm("a", [topo.online] * 2)]
+    r = {("a", v.index): counted(1.0, 5e6, 0.9) for v in guests[0].vcpus}
+    final, _, plans = settle(CacheAwarePolicy(), snapshot(topo, guests, r))
+    assert plans[0].moves, plans[0].notes
+    assert {i for v in final.guest("a").vcpus for i in llc_of(topo, v.affinity)} == {1}
+
+
 def test_a_streamer_is_placed_beside_the_vm_with_fewer_hits_to_lose_not_fewer_misses() -> None:
     # "build" is cache-resident (99 hits per miss, few misses), "sorter" misses 12x as often
     # but hits less. Beside a streamer build would lose far more: its hits are what a smaller
