@@ -6,13 +6,15 @@ plus run-queue wait, per second) and an LLC miss rate m_i (misses/s). Placement 
 of the throughput all vCPUs lose, in **vCPU-equivalents** (1.0 = one vCPU's full work), as the
 sum of four terms:
 
-- contention: a vCPU's misses grow by v_i * F_i / M_d, F_i the miss traffic of *other* VMs in
-  its domain, M_d ``contention_misses_per_s`` per 8 MiB of LLC, v_i its misses at risk:
+- contention: a vCPU's misses grow by v_i * phi(F_i) / M_d, F_i the miss traffic of *other* VMs
+  in its domain, M_d ``contention_misses_per_s`` per 8 MiB of LLC, v_i its misses at risk:
   HIT_LOSS x its LLC hits/s where the PMU counts references (a streamer has none to lose),
   else its misses m_i (M_d is then the foreign traffic that doubles them); each extra miss
-  stalls ``miss_cost_ns``. Counted for both sides of each pair, t (v_i m_j + v_j m_i) / M_d:
-  the "Pain" of Zhuravlev et al. (ASPLOS 2010), sensitivity of one times intensity of the
-  other; with m for v it is their distributed-intensity proxy, hungry VMs apart;
+  stalls ``miss_cost_ns``. phi(F) = F / (1 + F / (SATURATION M_d)) saturates: the first
+  streamer takes most of a vCPU's share of the cache, the second little more. Counted for both
+  sides, what F costs the vCPU plus what its own m_i adds to its neighbours': the "Pain" of
+  Zhuravlev et al. (ASPLOS 2010), sensitivity of one times intensity of the other; with m for
+  v and no saturation it is their distributed-intensity proxy, hungry VMs apart;
 - cohesion: a ``sharing`` fraction of a vCPU's misses is data its sibling vCPUs also use; for
   the share of its VM's CPU time in other domains those become cross-domain transfers, costed
   by SLIT distance / 10 (1 in the same node, ~2 across nodes);
@@ -123,6 +125,12 @@ HIT_LOSS = 0.3
 # Hits per miss over the last interval are applied to the current miss rate: the cap bounds
 # what a stale ratio makes of a miss rate that changed since (a phase change inside the interval).
 MAX_HITS_PER_MISS = 100.0
+# What foreign traffic F costs a vCPU saturates: its share of the LLC goes with its insertion
+# (miss) rate against everyone's, so the first streamer beside it takes most of it and the
+# second little more (the simulator's demo: gcc at 0.84 of its speed alone beside one triad VM,
+# 0.84 beside two). phi(F) = F / (1 + F / (SATURATION x M_d)): linear for small F, half the
+# linear cost at F = SATURATION x M_d.
+SATURATION = 2.0
 INF = math.inf
 
 
@@ -367,6 +375,22 @@ class _World:
         cache = np.bincount(self.pu_dom, weights=share, minlength=self.D)
         scale: FloatArray = self.p.contention * cache / REFERENCE_LLC_BYTES
         return scale
+
+    def _contention(
+        self, v: FloatArray | float, m: FloatArray | float, f: FloatArray, fw: FloatArray, scale: FloatArray
+    ) -> FloatArray:
+        """Lost vCPU-equivalents of a vCPU or VM (misses at risk v, misses m) in a domain whose
+        other VMs miss f and have fw at risk: what foreign traffic costs it, t v phi(f) / M,
+        plus what it adds to theirs, t fw (phi(f + m) - phi(f)) / M, M = ``scale`` (the domain's
+        contention scale, ``self.M`` where the domain is). phi saturates (see
+        SATURATION), so the neighbours' part is read at the domain's traffic without and with
+        it: the same foreign traffic for all of them, which the candidate's own f stands in for.
+        """
+        s = SATURATION * scale
+        pf = f / (1.0 + f / s)
+        fm = f + m
+        out: FloatArray = self.p.t * (v * pf + fw * (fm / (1.0 + fm / s) - pf)) / scale
+        return out
 
     def _slit(self, a: int, b: int) -> float:
         if a < 0 or b < 0:
@@ -724,7 +748,7 @@ class _World:
         base = a.L[None, :] - on_cap  # every domain's load without the VM
         base_cost = self._load_cost(base)
         cost = (
-            t * (bw[:, None] * foreign_p + bm[:, None] * foreign_w) / self.M
+            self._contention(bw[:, None], bm[:, None], foreign_p, foreign_w, self.M[None, :])
             + sig * t * (bm[:, None] * ku + bu[:, None] * kp) / ut[:, None]
             + t * bm[:, None] * self.rho[g]
             + self._load_cost(base + np.where(held, 0.0, bu)[:, None])
@@ -736,7 +760,7 @@ class _World:
         intra = 0.5 * ((own_p * ku_own).sum(axis=1) + (own_u * kp_own).sum(axis=1))
         cohesion = sig * t * ((own_p * ku).sum(axis=1) + (own_u * kp).sum(axis=1) + intra) / ut
         now = (
-            t * ((own_w * foreign_p + own_p * foreign_w) / self.M).sum(axis=1)
+            self._contention(own_w, own_p, foreign_p, foreign_w, self.M[None, :]).sum(axis=1)
             + cohesion
             + t * (own_p * self.rho[g]).sum(axis=1)
             + (self._load_cost(base + on_cap) - base_cost).sum(axis=1)
@@ -883,7 +907,7 @@ class _World:
         ku = a.KU[gi] - u[:, None] * k_here
         kp = a.KP[gi] - m[:, None] * k_here
         t = self.p.t
-        contention = t * ((w * m)[:, None] * foreign + m[:, None] * foreign_w) / self.M[None, :]
+        contention = self._contention((w * m)[:, None], m[:, None], foreign, foreign_w, self.M[None, :])
         cohesion = self.p.sharing * t * (m[:, None] * ku + u[:, None] * kp) / a.UT[gi][:, None]
         remote = t * m[:, None] * self.rho[gi]
         uu = np.where(whole, 0.0, u)[:, None]
@@ -971,11 +995,11 @@ class _World:
         remote = t * p_batch * self.rho[gi]
         overload = self._load_cost(a.L + u_batch) - self._load_cost_now()
         if a.UG[gi].any() or a.PG[gi].any():
-            contention = t * (w_batch * (a.P - a.PG[gi]) + p_batch * (a.W - a.WG[gi])) / self.M
+            contention = self._contention(w_batch, p_batch, a.P - a.PG[gi], a.W - a.WG[gi], self.M)
             cohesion = self.p.sharing * t * (p_batch * a.KU[gi] + u_batch * a.KP[gi]) / a.UT[gi]
             scores: FloatArray = contention + cohesion + remote + overload
         else:  # nothing of it placed yet (the cold case): no siblings, no own share to take out
-            scores = t * (w_batch * a.P + p_batch * a.W) / self.M + remote + overload
+            scores = self._contention(w_batch, p_batch, a.P, a.W, self.M) + remote + overload
         masked: FloatArray = self._mask(rows[:1], scores[None, :])[0]
         return masked
 
@@ -1142,7 +1166,7 @@ class _World:
         on_cap = np.fromiter((not r.off_cap for r in rows), dtype=bool, count=n)
         foreign = a.P[d] - a.PG[gi, d]
         foreign_w = a.W[d] - a.WG[gi, d]
-        contention = t * (w * m * foreign + m * foreign_w) / self.M[d]
+        contention = self._contention(w * m, m, foreign, foreign_w, self.M[d])
         cohesion = self.p.sharing * t * (m * a.KU[gi, d] + u * a.KP[gi, d]) / a.UT[gi]
         remote = t * m * self.rho[gi, d]
         load = a.L[d]
@@ -1317,11 +1341,8 @@ class _World:
             n = len(live)
             g = np.asarray(live, dtype=np.int64)
             h, bm, bw, bu, size = all_h[sel], all_bm[sel], all_bw[sel], all_bu[sel], all_size[sel]
-            x = (
-                t * (bw[:, None] * (a.P - a.PG[g]) + bm[:, None] * (a.W - a.WG[g])) / self.M
-                + t * bm[:, None] * self.rho[g]
-                + all_mask[sel]
-            )
+            xr = t * bm[:, None] * self.rho[g] + all_mask[sel]
+            x = self._contention(bw[:, None], bm[:, None], a.P - a.PG[g], a.W - a.WG[g], self.M[None, :]) + xr
             at_home = x[np.arange(n), h]
             # the first of the pair: the VMs that cost most where they are (bounded work)
             first = np.lexsort((np.arange(n), -at_home))[: max(1, min(n, self.p.candidates // 4))]
@@ -1330,8 +1351,15 @@ class _World:
             if len(first) == 0:
                 break
             hi, hj = h[first][:, None], h[None, :]
-            pair = t * (bw[first][:, None] * bm[None, :] + bm[first][:, None] * bw[None, :])
-            after = x[first][:, h] - pair / self.M[hj] + x[:, h[first]].T - pair / self.M[hi]
+            # each where the other was, the other gone from there
+            fi, fwi = a.P[hj] - bm[None, :], a.W[hj] - bw[None, :]
+            fj, fwj = a.P[hi] - bm[first][:, None], a.W[hi] - bw[first][:, None]
+            after = (
+                self._contention(bw[first][:, None], bm[first][:, None], fi, fwi, self.M[hj])
+                + xr[first][:, h]
+                + self._contention(bw[None, :], bm[None, :], fj, fwj, self.M[hi])
+                + xr[:, h[first]].T
+            )
             before = at_home[first][:, None] + at_home[None, :]
             li, lj = a.L[hi], a.L[hj]
             du = bu[None, :] - bu[first][:, None]  # load change in the first's domain

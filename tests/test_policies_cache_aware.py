@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adaptive_pin.model import CpuSet, Guest, Plan, Snapshot, VCpuKey, VCpuRates
-from policies.cache_aware import HIT_LOSS, CacheAwarePolicy
+from policies.cache_aware import HIT_LOSS, SATURATION, CacheAwarePolicy
 from tests.policy_helpers import apply_plan, guest, llc_of, make_topology, rates, snapshot
 
 TOPO = make_topology()
@@ -188,13 +189,15 @@ def test_pu_granularity_gives_busy_vcpus_their_own_cores() -> None:
 
 
 def test_predicted_gain_is_in_vcpu_equivalents() -> None:
-    # Two streaming VMs sharing LLC 0 lose, by the model, 2 * t * m * F / M per vCPU.
+    # Two streaming VMs sharing LLC 0 lose, by the model, t * m * phi(2 m) / M per vCPU (what
+    # the other's traffic costs it and what it adds to the other's), phi saturating.
     guests = [vm("a", [LLC0]), vm("b", [LLC0])]
     snap = snapshot(TOPO, guests, load(guests, {"a": (1.0, HUNGRY), "b": (1.0, HUNGRY)}))
     policy = CacheAwarePolicy()
     plan, _ = policy.decide(snap, policy.initial_state())
     assert len(plan.moves) == 1
-    expected = 2 * 15e-9 * HUNGRY * HUNGRY / 1e8  # 8 MiB LLC: M = 1e8 misses/s
+    big_m = 1e8  # 8 MiB LLC: M = 1e8 misses/s
+    expected = 15e-9 * HUNGRY * (2 * HUNGRY / (1 + 2 * HUNGRY / (SATURATION * big_m))) / big_m
     assert abs(plan.moves[0].predicted_gain - expected) < 1e-9
 
 
@@ -582,3 +585,19 @@ def test_a_vm_left_floating_for_too_small_a_gain_needs_twice_as_much_to_be_confi
     assert held == [] and state2["floating"] == ["f"]  # type: ignore[index]
     placed, state3 = plan_for(0.4 * gain, state)  # twice min_gain is 0.8 x the gain: placed
     assert placed == ["f", "f"] and "floating" not in state3  # type: ignore[operator]
+
+
+def test_what_foreign_traffic_costs_saturates() -> None:
+    # A second streamer beside a victim costs it less than the first did (the first has taken
+    # most of its share of the cache); at little traffic the cost is the linear t v F / M.
+    from policies.cache_aware import _World
+
+    guests = [vm("a", [LLC0])]
+    world = _World(snapshot(TOPO, guests, load(guests, {"a": (1.0, QUIET)})), CacheAwarePolicy(), "llc", {})
+    big_m, v, t = np.array([1e8]), 1e7, 15e-9
+    zero = np.zeros(1)
+    first = world._contention(v, 1e6, np.array([HUNGRY]), zero, big_m)[0]  # beside one streamer
+    both = world._contention(v, 1e6, np.array([2 * HUNGRY]), zero, big_m)[0]
+    assert both - first < 0.8 * first
+    tiny = world._contention(v, 1e5, np.array([1e5]), np.array([1e5]), big_m)[0]
+    assert abs(tiny - t * (v * 1e5 + 1e5 * 1e5) / 1e8) < 1e-3 * tiny
