@@ -380,11 +380,12 @@ class _World:
         self, v: FloatArray | float, m: FloatArray | float, f: FloatArray, fw: FloatArray, scale: FloatArray
     ) -> FloatArray:
         """Lost vCPU-equivalents of a vCPU or VM (misses at risk v, misses m) in a domain whose
-        other VMs miss f and have fw at risk: what foreign traffic costs it, t v phi(f) / M,
-        plus what it adds to theirs, t fw (phi(f + m) - phi(f)) / M, M = ``scale`` (the domain's
-        contention scale, ``self.M`` where the domain is). phi saturates (see
-        SATURATION), so the neighbours' part is read at the domain's traffic without and with
-        it: the same foreign traffic for all of them, which the candidate's own f stands in for.
+        other VMs miss f and have fw at risk, ``scale`` its M_d: what foreign traffic costs it,
+        t v phi(f) / M_d, plus what it adds to theirs, t fw (phi(f + m) - phi(f)) / M_d.
+
+        phi saturates (SATURATION), so the neighbours' part depends on the traffic they already
+        see; their own levels are not in the per-domain sums, and the candidate's f stands in
+        for all of them.
         """
         s = SATURATION * scale
         pf = f / (1.0 + f / s)
@@ -1004,8 +1005,9 @@ class _World:
         return masked
 
     def _best_domain(self, scores: FloatArray, free: FloatArray) -> int:
-        # lowest cost; among equals the most free capacity, then the most LLC (an asymmetric
-        # host's big cache for a VM that costs the same anywhere), then the lowest index
+        # lowest cost; among equals the most free capacity, then the most LLC (self.M is the LLC
+        # size times a constant: an asymmetric host's big cache for a VM that costs the same
+        # anywhere), then the lowest index
         rounded = np.round(scores, 12)
         best = int(np.argmin(rounded))
         if np.count_nonzero(rounded == rounded[best]) == 1:
