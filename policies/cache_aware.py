@@ -136,6 +136,7 @@ INF = math.inf
 
 @dataclass(slots=True)
 class _VCpuRow:
+    i: int  # index in _World.rows and in its per-row arrays (row_m, row_wm, row_u)
     guest: Guest
     gi: int
     vcpu: VCpu
@@ -355,6 +356,13 @@ class _World:
         self.rows: list[_VCpuRow] = []
         self._aff_cache: dict[CpuSet, tuple[int, FloatArray | None]] = {}
         self._build_rows()
+        # the rows' fixed figures as arrays, for the vectorised paths to index by row
+        n_rows = len(self.rows)
+        self.row_m = np.fromiter((r.m for r in self.rows), dtype=np.float64, count=n_rows)
+        self.row_wm = np.fromiter((r.w * r.m for r in self.rows), dtype=np.float64, count=n_rows)
+        self.row_u = np.fromiter((r.u for r in self.rows), dtype=np.float64, count=n_rows)
+        self.row_gi = np.fromiter((r.gi for r in self.rows), dtype=np.int64, count=n_rows)
+        self.row_whole = np.fromiter((r.whole for r in self.rows), dtype=bool, count=n_rows)
         self.rows_of: list[list[_VCpuRow]] = [[] for _ in range(self.G)]
         for r in self.rows:
             self.rows_of[r.gi].append(r)
@@ -510,6 +518,7 @@ class _World:
                     dom = int(self.pu_dom[lc_pos]) if lc_pos >= 0 else -1
                 self.rows.append(
                     _VCpuRow(
+                        i=len(self.rows),
                         guest=guest,
                         gi=gi,
                         vcpu=v,
@@ -773,21 +782,29 @@ class _World:
     ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
         """Per VM (rows) and domain: its rows' misses/s, misses/s at risk, demand
         and count, in one pass over the rows."""
+        if len(vms) == 1:  # one VM (the greedy revisit): its few rows summed directly
+            out = np.zeros((4, 1, self.D))
+            for r in by_vm[vms[0]]:
+                out[:, 0, r.dom] += (r.m, r.w * r.m, r.u, 1.0)
+            return out[0], out[1], out[2], out[3]
         rows = [r for gi in vms for r in by_vm[gi]]
         n, nr = len(vms), len(rows)
         sizes = np.fromiter((len(by_vm[gi]) for gi in vms), dtype=np.int64, count=n)
         dom = np.fromiter((r.dom for r in rows), dtype=np.int64, count=nr)
+        idx = np.fromiter((r.i for r in rows), dtype=np.int64, count=nr)
         cell = np.repeat(np.arange(n, dtype=np.int64), sizes) * self.D + dom
-        m = np.fromiter((r.m for r in rows), dtype=np.float64, count=nr)
-        w = np.fromiter((r.w for r in rows), dtype=np.float64, count=nr)
-        u = np.fromiter((r.u for r in rows), dtype=np.float64, count=nr)
         size, shape = n * self.D, (n, self.D)
 
         def per_cell(weights: FloatArray | None) -> FloatArray:
             out: FloatArray = np.bincount(cell, weights=weights, minlength=size).astype(np.float64)
             return out.reshape(shape)
 
-        return per_cell(m), per_cell(w * m), per_cell(u), per_cell(None)
+        return (
+            per_cell(self.row_m[idx]),
+            per_cell(self.row_wm[idx]),
+            per_cell(self.row_u[idx]),
+            per_cell(None),
+        )
 
     def _improvable(self, vms: list[int], by_vm: Mapping[int, Sequence[_VCpuRow]]) -> list[int]:
         """The VMs that a whole move seems to help, largest estimated gain first, by one
@@ -818,6 +835,35 @@ class _World:
         if refresh:
             agg.KU[r.gi] = agg.UG[r.gi] @ self.K
             agg.KP[r.gi] = agg.PG[r.gi] @ self.K
+
+    def _add_rows(self, rows: Sequence[_VCpuRow], d: int) -> None:
+        """``_add(r, d, +1)`` for rows of one VM, row by row in Python floats (the same IEEE
+        additions in the same order), one numpy item write per cell instead of one per row."""
+        a, gi = self.agg, rows[0].gi
+        p, pg, w, wg, ug, load = (
+            float(a.P[d]),
+            float(a.PG[gi, d]),
+            float(a.W[d]),
+            float(a.WG[gi, d]),
+            float(a.UG[gi, d]),
+            float(a.L[d]),
+        )
+        on_cap = gi not in self.holders
+        loaded = False
+        for r in rows:
+            wm = r.w * r.m
+            p += r.m
+            pg += r.m
+            w += wm
+            wg += wm
+            ug += r.u
+            if on_cap and not r.off_cap:
+                load += r.u
+                loaded = True
+        a.P[d], a.PG[gi, d], a.W[d], a.WG[gi, d], a.UG[gi, d] = p, pg, w, wg, ug
+        if loaded:
+            a.L[d] = load
+            self._lc_now = None
 
     def hold(self, pos: IntArray, gi: int) -> None:
         self.excl_owner[pos] = gi
@@ -890,17 +936,16 @@ class _World:
         """Cost (lost vCPU-equivalents) of each row's vCPU in each domain, everyone else fixed."""
         a = self.agg
         n = len(rows)
-        gi = np.fromiter((r.gi for r in rows), dtype=np.int64, count=n)
-        m = np.fromiter((r.m for r in rows), dtype=np.float64, count=n)
-        u = np.fromiter((r.u for r in rows), dtype=np.float64, count=n)
+        idx = np.fromiter((r.i for r in rows), dtype=np.int64, count=n)
+        gi = self.row_gi[idx]
+        m, u, wm = self.row_m[idx], self.row_u[idx], self.row_wm[idx]
         d = np.fromiter((r.dom for r in rows), dtype=np.int64, count=n)
-        whole = np.fromiter((r.whole for r in rows), dtype=bool, count=n)
+        whole = self.row_whole[idx]
         here = np.zeros((n, self.D), dtype=bool)
         has = d >= 0
         here[np.flatnonzero(has), d[has]] = True
-        w = np.fromiter((r.w for r in rows), dtype=np.float64, count=n)
         mh, uh = m[:, None] * here, u[:, None] * here
-        wmh = (w * m)[:, None] * here
+        wmh = wm[:, None] * here
         foreign = (a.P[None, :] - mh) - (a.PG[gi] - mh)
         foreign_w = (a.W[None, :] - wmh) - (a.WG[gi] - wmh)
         load = a.L[None, :] - np.where(whole[:, None], 0.0, uh)
@@ -908,7 +953,7 @@ class _World:
         ku = a.KU[gi] - u[:, None] * k_here
         kp = a.KP[gi] - m[:, None] * k_here
         t = self.p.t
-        contention = self._contention((w * m)[:, None], m[:, None], foreign, foreign_w, self.M[None, :])
+        contention = self._contention(wm[:, None], m[:, None], foreign, foreign_w, self.M[None, :])
         cohesion = self.p.sharing * t * (m[:, None] * ku + u[:, None] * kp) / a.UT[gi][:, None]
         remote = t * m[:, None] * self.rho[gi]
         uu = np.where(whole, 0.0, u)[:, None]
@@ -1096,10 +1141,17 @@ class _World:
 
     def _assign_many(self, rows: Sequence[_VCpuRow], d: int, kind: str, pu: int | None = None) -> None:
         """Put vCPUs of one VM into domain d: aggregates (refreshed once), PU choice, kind."""
+        if len({r.gi for r in rows}) == 1 and all(r.dom != d for r in rows):
+            for r in rows:  # cells of other domains than d: the same sums as row by row
+                if r.dom >= 0:
+                    self._add(self.agg, r, r.dom, sign=-1.0, refresh=False)
+            self._add_rows(rows, d)
+        else:
+            for r in rows:
+                if r.dom >= 0:
+                    self._add(self.agg, r, r.dom, sign=-1.0, refresh=False)
+                self._add(self.agg, r, d, sign=1.0, refresh=False)
         for r in rows:
-            if r.dom >= 0:
-                self._add(self.agg, r, r.dom, sign=-1.0, refresh=False)
-            self._add(self.agg, r, d, sign=1.0, refresh=False)
             r.dom = d
             r.kind = kind
             chosen = pu
@@ -1441,9 +1493,10 @@ class _World:
         rows = self.rows_of[gi] + self.rows_of[gj]
         old = {r.group for r in rows if r.group}
         group = min(old) if old else f"swap {self.guests[gi].id} {self.guests[gj].id}"
-        for r in self.rows:
-            if r.group in old:
-                r.group = group
+        if old:  # rows of other VMs are only in a group either was in already
+            for r in self.rows:
+                if r.group in old:
+                    r.group = group
         for r in rows:
             r.group = group
 
@@ -1516,14 +1569,14 @@ class _World:
         gains = floating - np.where(np.isfinite(here), here, floating)
         # One decision per VM, never per vCPU (a VM half confined is split): each vCPU gets the
         # VM's mean gain; completing a partly placed VM is always worth it (cohesion).
-        total: defaultdict[int, float] = defaultdict(float)
-        count: defaultdict[int, int] = defaultdict(int)
-        for r, gain in zip(placed, gains.tolist(), strict=True):
-            total[r.gi] += gain
-            count[r.gi] += 1
+        gi = self.row_gi[np.fromiter((r.i for r in placed), dtype=np.int64, count=len(placed))]
+        mean = (
+            np.bincount(gi, weights=gains, minlength=self.G)
+            / np.maximum(np.bincount(gi, minlength=self.G), 1)
+        ).tolist()
         texts: dict[tuple[int, int], str] = {}  # one reason per VM and domain, not per vCPU
         for r in placed:
-            gain = total[r.gi] / count[r.gi]
+            gain = mean[r.gi]
             if r.gi in self.home:
                 gain = max(gain, self.p.min_gain)
             r.gain = gain
