@@ -1046,6 +1046,9 @@ class _World:
             scores: FloatArray = contention + cohesion + remote + overload
         else:  # nothing of it placed yet (the cold case): no siblings, no own share to take out
             scores = self._contention(w_batch, p_batch, a.P, a.W, self.M) + remote + overload
+        if not self.holders and not self.bad:  # _mask's first step, without the 2-D round trip
+            open_dom: FloatArray = np.where(self.capacity() > 0, scores, INF)
+            return open_dom
         masked: FloatArray = self._mask(rows[:1], scores[None, :])[0]
         return masked
 
@@ -1053,6 +1056,11 @@ class _World:
         # lowest cost; among equals the most free capacity, then the most LLC (self.M is the LLC
         # size times a constant: an asymmetric host's big cache for a VM that costs the same
         # anywhere), then the lowest index
+        best = int(np.argmin(scores))
+        # no other score within 2e-12 of the lowest: it is also the one lowest when rounded to
+        # 12 decimals (rounding is monotone), so the rounding below is needed only near a tie
+        if np.count_nonzero(scores < scores[best] + 2e-12) == 1:
+            return best
         rounded = np.round(scores, 12)
         best = int(np.argmin(rounded))
         if np.count_nonzero(rounded == rounded[best]) == 1:
