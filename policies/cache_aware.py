@@ -623,10 +623,10 @@ class _World:
             return placed
         for r in placed:
             if r.gi in low:
-                self._add(self.agg, r, r.dom, sign=-1.0, refresh=False)
+                self._add(self.agg, [r], r.dom, -1.0)
                 r.dom, r.kind = r.seen_dom, ""
                 if r.dom >= 0:
-                    self._add(self.agg, r, r.dom, sign=1.0, refresh=False)
+                    self._add(self.agg, [r], r.dom, 1.0)
         for gi in low | forced:
             self.agg.KU[gi] = self.agg.UG[gi] @ self.K
             self.agg.KP[gi] = self.agg.PG[gi] @ self.K
@@ -634,7 +634,7 @@ class _World:
         for gi in sorted(forced):
             rows = [r for r in kept if r.gi == gi]
             for r in rows:
-                self._add(self.agg, r, r.dom, sign=-1.0, refresh=False)
+                self._add(self.agg, [r], r.dom, -1.0)
                 r.dom = -1
                 r.forced = False
             self._place_vm(gi, rows)
@@ -728,7 +728,7 @@ class _World:
                 continue
             if r.dom < 0:
                 continue
-            self._add(agg, r, r.dom, sign=1.0, refresh=False)
+            self._add(agg, [r], r.dom, 1.0)
         agg.UT = np.maximum(agg.UT, 1e-9)
         agg.KU = agg.UG @ self.K
         agg.KP = agg.PG @ self.K
@@ -823,23 +823,11 @@ class _World:
         best = int(np.argmin(np.round(cost[0], 12)))
         return best, float(now[0] - cost[0, best]), float(cohesion[0])
 
-    def _add(self, agg: _Aggregates, r: _VCpuRow, d: int, sign: float, refresh: bool = True) -> None:
-        agg.P[d] += sign * r.m
-        agg.PG[r.gi, d] += sign * r.m
-        agg.W[d] += sign * r.w * r.m
-        agg.WG[r.gi, d] += sign * r.w * r.m
-        agg.UG[r.gi, d] += sign * r.u
-        if r.gi not in self.holders and not r.off_cap:
-            agg.L[d] += sign * r.u
-            self._lc_now = None
-        if refresh:
-            agg.KU[r.gi] = agg.UG[r.gi] @ self.K
-            agg.KP[r.gi] = agg.PG[r.gi] @ self.K
-
-    def _add_rows(self, rows: Sequence[_VCpuRow], d: int) -> None:
-        """``_add(r, d, +1)`` for rows of one VM, row by row in Python floats (the same IEEE
-        additions in the same order), one numpy item write per cell instead of one per row."""
-        a, gi = self.agg, rows[0].gi
+    def _add(self, a: _Aggregates, rows: Sequence[_VCpuRow], d: int, sign: float) -> None:
+        """Count rows of one VM in domain d (sign +1) or take them out (-1); KU/KP are left to
+        the caller, refreshed once per VM. Summed row by row in Python floats, the same IEEE
+        additions in the same order as numpy item by item, with one item write per cell."""
+        gi = rows[0].gi
         p, pg, w, wg, ug, load = (
             float(a.P[d]),
             float(a.PG[gi, d]),
@@ -851,14 +839,14 @@ class _World:
         on_cap = gi not in self.holders
         loaded = False
         for r in rows:
-            wm = r.w * r.m
-            p += r.m
-            pg += r.m
+            m, wm = sign * r.m, sign * r.w * r.m
+            p += m
+            pg += m
             w += wm
             wg += wm
-            ug += r.u
+            ug += sign * r.u
             if on_cap and not r.off_cap:
-                load += r.u
+                load += sign * r.u
                 loaded = True
         a.P[d], a.PG[gi, d], a.W[d], a.WG[gi, d], a.UG[gi, d] = p, pg, w, wg, ug
         if loaded:
@@ -1046,9 +1034,6 @@ class _World:
             scores: FloatArray = contention + cohesion + remote + overload
         else:  # nothing of it placed yet (the cold case): no siblings, no own share to take out
             scores = self._contention(w_batch, p_batch, a.P, a.W, self.M) + remote + overload
-        if not self.holders and not self.bad:  # _mask's first step, without the 2-D round trip
-            open_dom: FloatArray = np.where(self.capacity() > 0, scores, INF)
-            return open_dom
         masked: FloatArray = self._mask(rows[:1], scores[None, :])[0]
         return masked
 
@@ -1149,16 +1134,16 @@ class _World:
 
     def _assign_many(self, rows: Sequence[_VCpuRow], d: int, kind: str, pu: int | None = None) -> None:
         """Put vCPUs of one VM into domain d: aggregates (refreshed once), PU choice, kind."""
-        if len({r.gi for r in rows}) == 1 and all(r.dom != d for r in rows):
-            for r in rows:  # cells of other domains than d: the same sums as row by row
-                if r.dom >= 0:
-                    self._add(self.agg, r, r.dom, sign=-1.0, refresh=False)
-            self._add_rows(rows, d)
-        else:
-            for r in rows:
-                if r.dom >= 0:
-                    self._add(self.agg, r, r.dom, sign=-1.0, refresh=False)
-                self._add(self.agg, r, d, sign=1.0, refresh=False)
+        # one VM none of whose rows is in d yet: added in one pass, after being taken out of
+        # other domains' cells (the same sums as row by row); otherwise row by row
+        at_once = len({r.gi for r in rows}) == 1 and all(r.dom != d for r in rows)
+        for r in rows:
+            if r.dom >= 0:
+                self._add(self.agg, [r], r.dom, -1.0)
+            if not at_once:
+                self._add(self.agg, [r], d, 1.0)
+        if at_once:
+            self._add(self.agg, rows, d, 1.0)
         for r in rows:
             r.dom = d
             r.kind = kind
