@@ -920,8 +920,9 @@ class _World:
         self.pl_guest[p][gi] += u
 
     # ------------------------------------------------------------------ cost rows
-    def cost_rows(self, rows: Sequence[_VCpuRow]) -> FloatArray:
-        """Cost (lost vCPU-equivalents) of each row's vCPU in each domain, everyone else fixed."""
+    def cost_rows(self, rows: Sequence[_VCpuRow], load_part: bool = True) -> FloatArray:
+        """Cost (lost vCPU-equivalents) of each row's vCPU in each domain, everyone else fixed;
+        without ``load_part``, leaving out what its demand adds to the domain's load cost."""
         a = self.agg
         n = len(rows)
         idx = np.fromiter((r.i for r in rows), dtype=np.int64, count=n)
@@ -944,14 +945,10 @@ class _World:
         contention = self._contention(wm[:, None], m[:, None], foreign, foreign_w, self.M[None, :])
         cohesion = self.p.sharing * t * (m[:, None] * ku + u[:, None] * kp) / a.UT[gi][:, None]
         remote = t * m[:, None] * self.rho[gi]
-        uu = np.where(whole, 0.0, u)[:, None]
-        out: FloatArray = (
-            contention
-            + cohesion
-            + remote
-            + self._load_cost(load + uu, smt=False)
-            - self._load_cost(load, smt=False)
-        )
+        out: FloatArray = contention + cohesion + remote
+        if load_part:
+            uu = np.where(whole, 0.0, u)[:, None]
+            out = out + self._load_cost(load + uu, smt=False) - self._load_cost(load, smt=False)
         return out
 
     def cohesion_part(self, r: _VCpuRow, d: int) -> float:
@@ -1539,10 +1536,11 @@ class _World:
     def _initial_gains(self, placed: list[_VCpuRow]) -> None:
         """Gain of confining a floating vCPU: its expected cost where the scheduler may run it
         (its current affinity's domains, weighted by their share of its PUs) minus its cost
-        where it was placed. Domains it may not use count as nothing."""
+        where it was placed. Domains it may not use count as nothing. The load term is the
+        VM's, shared by its vCPUs (``_load_shares``)."""
         if not placed:
             return
-        costs = self.cost_rows(placed)
+        costs = self.cost_rows(placed, load_part=False) + self._load_shares(placed)
         finite = np.isfinite(costs)
         weights = np.array(
             [r.aff_weights if r.aff_weights is not None else np.full(self.D, 1.0 / self.D) for r in placed]
@@ -1581,6 +1579,29 @@ class _World:
                     f"{gain:.3f} vCPU-equivalents regained vs. floating"
                 )
             r.why = why
+
+    def _load_shares(self, placed: list[_VCpuRow]) -> FloatArray:
+        """Per placed row and domain: its share (pro rata of demand) of the load cost its VM's
+        placed vCPUs, all of them in that domain, add there: time-sharing and busy SMT pairs.
+
+        Per VM, not per vCPU: charged one vCPU at a time with the rest of its VM in, a domain
+        one thread over its cores would charge a pair's loss to every vCPU in it. The SMT part
+        counts because a floating VM runs where the scheduler wakes it, on an SMT sibling of a
+        confined VM's vCPU as readily as on an idle core of another domain."""
+        n = len(placed)
+        idx = np.fromiter((r.i for r in placed), dtype=np.int64, count=n)
+        gi = self.row_gi[idx]
+        u = np.where(self.row_whole[idx], 0.0, self.row_u[idx])
+        d = np.fromiter((r.dom for r in placed), dtype=np.int64, count=n)
+        vms, inv = np.unique(gi, return_inverse=True)
+        here = np.zeros((len(vms), self.D))
+        np.add.at(here, (inv, d), u)
+        total = here.sum(axis=1)
+        base = self.agg.L[None, :] - here
+        added = self._load_cost(base + total[:, None]) - self._load_cost(base)
+        share = np.divide(u, total[inv], out=np.zeros(n), where=total[inv] > 0)
+        out: FloatArray = added[inv] * share[:, None]
+        return out
 
     def _vm_miss_text(self, gi: int) -> str:
         if self.pmu:

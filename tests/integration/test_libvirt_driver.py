@@ -19,7 +19,8 @@ from adaptive_pin.drivers.libvirt import LibvirtDriver
 from adaptive_pin.errors import DriverError, GuestGoneError, PinError
 from adaptive_pin.model import CpuSet, EventKind, Guest, GuestEvent, PinSource
 from adaptive_pin.pinnability import NAMESPACE, PREFIX, Hints, Mode, metadata_xml
-from tests.integration.conftest import URI, DomainSpec, cpus_allowed, host_numa_nodes, wait_for
+from tests.conftest import require
+from tests.integration.conftest import URI, DomainSpec, _libvirt, cpus_allowed, host_numa_nodes, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -213,8 +214,15 @@ def test_reconnects_after_libvirtd_drops_the_connection(driver: Any, make_domain
 
 
 def test_unreachable_libvirt_raises_driver_error_then_backs_off(tmp_path: Any) -> None:
+    require(_libvirt() is not None, "libvirt-python is not installed")  # no daemon needed
     with pytest.raises(DriverError, match="cannot connect to libvirt"):
         LibvirtDriver(f"qemu:///system?socket={tmp_path}/nothing-here")
+
+
+def test_without_libvirt_python_the_driver_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "libvirt", None)  # import libvirt -> ImportError
+    with pytest.raises(DriverError, match=r"needs libvirt-python: pip install 'adaptive-pin\[libvirt\]'"):
+        LibvirtDriver("qemu:///system")
 
 
 def test_memory_nodes_from_numatune_else_from_numa_maps(
