@@ -103,6 +103,30 @@ def test_a_floating_thread_alone_on_a_pu_makes_room_for_two_stacked_pinned_ones(
     assert np.bincount(p.pu, minlength=4).tolist() in ([2, 1, 1, 1], [1, 2, 1, 1])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_an_overloaded_llc_gives_a_thread_to_an_llc_with_room_though_no_pu_is_idle(seed: int) -> None:
+    """LLC 0 (PUs 0-1) runs two threads pinned to it and a floating one: 3 CPUs of demand on 2
+    PUs. LLC 1's two PUs each run a light thread, so no PU is idle and no queue in LLC 0 is
+    lighter than another by imbalance_pct. The package-level balancer sees an overloaded group
+    beside one with spare capacity and migrates up to that capacity (calculate_imbalance,
+    group_overloaded vs group_has_spare): the floating thread leaves, the pinned ones get a PU
+    each. It never cleared before: the three time-shared two PUs for good."""
+    topo = synthetic_topology(packages=1, llc_per_package=2, cores_per_llc=2)
+    sched = LinuxLikeScheduler(topo, np.random.default_rng(seed))
+    allowed = np.ones((5, 4), dtype=np.bool_)
+    allowed[:2, 2:] = False
+    demand = np.array([1.0, 1.0, 1.0, 0.3, 0.3])
+    pu = np.array([0, 0, 1, 2, 3], dtype=np.int64)
+    for _ in range(2):
+        pu = sched.place(allowed, pu, demand, 1.0).pu
+    assert sorted(pu[:2].tolist()) == [0, 1] and pu[2] in (2, 3)
+    assert sched.share(pu, demand)[0] == pytest.approx(demand)
+    # no LLC with room for it: nothing leaves, nothing is pushed around
+    heavy = np.array([1.0, 1.0, 1.0, 1.0, 0.9])
+    p = sched.place(allowed, np.array([0, 0, 1, 2, 3], dtype=np.int64), heavy, 1.0)
+    assert p.pu[2:].tolist() in ([1, 2, 3], [0, 2, 3]) and not p.migrated[2:].any()
+
+
 def test_unpinned_baseline_migrates_and_counts_it_as_the_schedulers() -> None:
     vms = '[[vms]]\nname = "a"\ncount = 2\nvcpus = 2\nworkload = "sort"\nload = 0.5'
     h = host_of(vms)  # 4 half-idle threads on 8 PUs: wakeups land on other idle PUs

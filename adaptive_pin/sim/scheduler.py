@@ -11,6 +11,8 @@ What it imitates of CFS/EEVDF (kernel/sched/fair.c), at the granularity of one t
   leaves an overloaded PU for the least loaded allowed one of its LLC (then node, then any)
   when the busier queue carries ``IMBALANCE_PCT`` times the other's load and the thread's
   demand is no more than their difference (load_balance's imbalance_pct, detach_tasks' test);
+- an LLC whose demand is above its PUs gives threads to an LLC with room for them (the package
+  and NUMA levels: group_overloaded against group_has_spare), active balancing included;
 - noise: threads that sleep part of the time wake on another PU of their LLC that is idle or
   less loaded, and now and then any thread is pulled to another LLC by transient host load.
 Rates and choices are in docs/simulator.md ("Scheduler"); the RNG is seeded by the scenario.
@@ -121,6 +123,65 @@ class LinuxLikeScheduler:
                     return True
         return False
 
+    def _spill(
+        self,
+        allowed: BoolArray,
+        pu: IntArray,
+        demand: FloatArray,
+        load: FloatArray,
+        move: Callable[[int, int], None],
+    ) -> None:
+        """Threads of overloaded LLCs to LLCs with room (step 2c of place()).
+
+        A time-shared thread goes first. When every time-shared thread is pinned to its LLC,
+        a thread running alone that may leave goes instead, if the stacked ones may use the
+        PU it frees: active balancing, after the pinned tasks made the pulls fail
+        (LBF_ALL_PINNED; need_active_balance); the stacked thread follows next tick."""
+        n_llc = int(self.llc.max()) + 1
+        cap = np.bincount(self.llc, minlength=n_llc).astype(np.float64)
+        llc_load = np.bincount(self.llc, weights=load, minlength=n_llc)
+        for src in np.argsort(-(llc_load - cap), kind="stable").tolist():
+            while llc_load[src] > cap[src] + 1e-9:
+                here = np.flatnonzero((pu >= 0) & (self.llc[np.maximum(pu, 0)] == src))
+                busy = load[pu[here]] > 1.0 + 1e-9
+                stacked, alone = here[busy], here[~busy]
+                wanted: BoolArray = np.any(allowed[stacked], axis=0)  # PUs a stacked thread may use
+                found = self._spill_target(stacked, allowed, pu, demand, load, cap - llc_load, src)
+                if found is None:
+                    movable = alone[wanted[pu[alone]]]
+                    found = self._spill_target(movable, allowed, pu, demand, load, cap - llc_load, src)
+                if found is None:
+                    break
+                i, to = found
+                llc_load[src] -= demand[i]
+                llc_load[self.llc[to]] += demand[i]
+                move(i, to)
+
+    def _spill_target(
+        self,
+        threads: IntArray,
+        allowed: BoolArray,
+        pu: IntArray,
+        demand: FloatArray,
+        load: FloatArray,
+        spare: FloatArray,
+        src: int,
+    ) -> tuple[int, int] | None:
+        """The thread and PU of the best spill: the least loaded PU, own node first, of an
+        LLC other than ``src`` with room for the thread; None if no thread has one."""
+        best: tuple[float, int, int] | None = None
+        for i in threads.tolist():
+            ok = allowed[i] & (spare[self.llc] >= demand[i] - 1e-9) & (self.llc != src)
+            if not ok.any():
+                continue
+            same_node = ok & (self.node == self.node[pu[i]])
+            mask = same_node if same_node.any() else ok
+            to = int(np.argmin(np.where(mask, load, np.inf)))
+            key = (float(load[to]), i, to)
+            if best is None or key < best:
+                best = key
+        return None if best is None else (best[1], best[2])
+
     # --- one tick -----------------------------------------------------------------------
     def place(self, allowed: BoolArray, current: IntArray, demand: FloatArray, dt: float) -> Placement:
         """New positions for every thread; ``allowed`` is (N, n_pu), ``current`` -1 if unplaced."""
@@ -177,6 +238,12 @@ class LinuxLikeScheduler:
                 # detach_tasks: a task moves while half its load fits in half the imbalance
                 if to >= 0 and load[p] > load[to] * IMBALANCE_PCT and demand[i] <= load[p] - load[to]:
                     move(int(i), to)
+
+        # 2c. between LLCs (the package and NUMA sched domains): an LLC whose runnable demand
+        # is above its PUs (group_overloaded) gives time-shared threads to an LLC they may use
+        # with room for them (group_has_spare): calculate_imbalance migrates up to the spare
+        # capacity of the pulling group. Its own node first, as the lower domain balances first.
+        self._spill(allowed, pu, demand, load, move)
 
         # 3. SMT: two busy siblings while an allowed core is wholly idle -> split them
         busy = self._core_busy(count)
