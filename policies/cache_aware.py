@@ -1309,10 +1309,16 @@ class _World:
             self._assign(r, d, "cohesion" if coh_gain > gain / 2 else "rebalance")
             r.gain = gain
             r.why = (
-                f"{self._dom_name(src)} pressure {pressure[src]:.3f} > {self.p.enter:g}: "
+                f"{self._pressure_text(src, pressure)}: "
                 f"to {self._dom_name(d)}, est. {gain:.3f} vCPU-equivalents regained"
                 f" ({'mostly VM cohesion' if r.kind == 'cohesion' else 'less cache contention / load'})"
             )
+
+    def _pressure_text(self, d: int, pressure: FloatArray) -> str:
+        p = float(pressure[d])
+        if p > self.p.enter:
+            return f"{self._dom_name(d)} pressure {p:.3f} > {self.p.enter:g}"
+        return f"{self._dom_name(d)} pressure {p:.3f}, still > exit {self.p.exit:g} (active last tick)"
 
     def _move_whole_vms(
         self, by_vm: Mapping[int, list[_VCpuRow]], vms: list[int], pressure: FloatArray, budget: int
@@ -1341,7 +1347,7 @@ class _World:
             for r in moving:
                 r.gain = gain / len(moving)
                 r.why = (
-                    f"{self._dom_name(here)} pressure {pressure[here]:.3f} > {self.p.enter:g}: "
+                    f"{self._pressure_text(here, pressure)}: "
                     f"{r.guest.name} {what} to {self._dom_name(best)}, est. {gain:.3f} "
                     f"vCPU-equivalents regained ({why})"
                 )

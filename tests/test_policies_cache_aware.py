@@ -116,6 +116,9 @@ def test_hysteresis_keeps_a_domain_active_between_exit_and_enter() -> None:
     assert cold.moves == () and cold_state == {"version": 1, "granularity": "llc", "active": []}
     warm, warm_state = policy.decide(snap, {"version": 1, "granularity": "llc", "active": [0]})
     assert warm.moves, "an active domain below enter but above exit must still be relieved"
+    # and its reason says so, not that the pressure is above enter
+    assert all("still > exit 1e-06 (active last tick)" in m.reason for m in warm.moves), warm.moves
+    assert not any("> 50" in m.reason for m in warm.moves)
     assert warm_state == {"version": 1, "granularity": "llc", "active": [0]}
     # A state written at another granularity is not trusted.
     other, _ = policy.decide(snap, {"version": 1, "granularity": "pu", "active": [0]})
