@@ -110,6 +110,7 @@ def test_strict_exits_1_exactly_when_a_target_is_missed(capsys: pytest.CaptureFi
         (["--scenario", "/nonexistent/x.toml"], "cannot read"),
         (["--random", "-1"], "--random: expected a non-negative integer"),
         (["--random", "1", "--random-seed", "-2"], "--random-seed: expected a non-negative integer"),
+        (["--search-budget", "-1"], "--search-budget: expected a non-negative integer"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

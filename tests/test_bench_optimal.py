@@ -160,3 +160,19 @@ def test_huge_candidate_counts_are_shown_as_a_power_of_ten() -> None:
     assert _count(4_900) == "4,900"
     assert _count(999_999_999_999) == "999,999,999,999"
     assert _count(3 * 10**40) == "about 10^40"
+
+
+@pytest.mark.parametrize(
+    ("budget", "method"),
+    [("216", optimal.METHOD), ("215", optimal.WHOLE_VM_METHOD), ("26", None)],
+)
+def test_search_budget_chooses_the_search(
+    capsys: pytest.CaptureFixture[str], budget: str, method: str | None
+) -> None:
+    # demo: 216 candidates, 27 with whole VMs; the budget given wins over --quick's 300
+    argv = ["bench", "--quick", "--scenario", "demo", "--no-decision-time", "--policy", "cache-aware"]
+    assert main([*argv, "--search-budget", budget, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    (sc,) = doc["scenarios"]
+    assert sc["best"]["method"] == method
+    assert doc["definitions"]["best_placement_budget"] == int(budget)

@@ -94,9 +94,12 @@ class BenchOptions:
     quick: bool = False
     random: int = 0  # generated mixes to add (adaptive_pin.bench.random_mix)
     random_seed: int = 0
+    budget: int | None = None  # best-placement candidates; None: the default for quick or not
 
     @property
     def search_budget(self) -> int:
+        if self.budget is not None:
+            return self.budget
         return QUICK_SEARCH_BUDGET if self.quick else SEARCH_BUDGET
 
 
