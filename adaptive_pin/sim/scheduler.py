@@ -59,6 +59,8 @@ class LinuxLikeScheduler:
         self.llc = topology.pu_llc
         self.node = topology.pu_node
         self.n_pu = len(topology.pus)
+        self.n_llc = int(self.llc.max()) + 1
+        self.llc_pus = np.bincount(self.llc, minlength=self.n_llc).astype(np.float64)
 
     # --- helpers -----------------------------------------------------------------------
     def _core_busy(self, count: IntArray) -> IntArray:
@@ -137,19 +139,19 @@ class LinuxLikeScheduler:
         a thread running alone that may leave goes instead, if the stacked ones may use the
         PU it frees: active balancing, after the pinned tasks made the pulls fail
         (LBF_ALL_PINNED; need_active_balance); the stacked thread follows next tick."""
-        n_llc = int(self.llc.max()) + 1
-        cap = np.bincount(self.llc, minlength=n_llc).astype(np.float64)
-        llc_load = np.bincount(self.llc, weights=load, minlength=n_llc)
+        cap = self.llc_pus
+        llc_load = np.bincount(self.llc, weights=load, minlength=self.n_llc)
         for src in np.argsort(-(llc_load - cap), kind="stable").tolist():
             while llc_load[src] > cap[src] + 1e-9:
                 here = np.flatnonzero((pu >= 0) & (self.llc[np.maximum(pu, 0)] == src))
                 busy = load[pu[here]] > 1.0 + 1e-9
                 stacked, alone = here[busy], here[~busy]
-                wanted: BoolArray = np.any(allowed[stacked], axis=0)  # PUs a stacked thread may use
-                found = self._spill_target(stacked, allowed, pu, demand, load, cap - llc_load, src)
+                spare = cap - llc_load
+                found = self._spill_target(stacked, allowed, pu, demand, load, spare, src)
                 if found is None:
+                    wanted: BoolArray = np.any(allowed[stacked], axis=0)  # PUs a stacked thread may use
                     movable = alone[wanted[pu[alone]]]
-                    found = self._spill_target(movable, allowed, pu, demand, load, cap - llc_load, src)
+                    found = self._spill_target(movable, allowed, pu, demand, load, spare, src)
                 if found is None:
                     break
                 i, to = found
