@@ -73,11 +73,37 @@ def test_ws_targets_carry_what_the_best_placement_itself_reaches(capsys: pytest.
         assert f"demo {ceiling:.3g}" in t["ceiling"]
         # an exhaustive ceiling below the goal says no placement reaches it on that scenario
         assert t["unreachable"] == (["demo"] if ceiling < bound else [])
-    # MPKI gets the best placement's own MPKI (chosen by WS, so no ceiling), and never "unreachable"
+    # MPKI gets the best placement's own MPKI (chosen by WS) and the floor: the lowest MPKI of any
+    # candidate, overall (with its share of the best WS) and near the best WS
     mpki = by_name["MPKI vs none"]
     none_mpki = float(np.median([run["steady_mpki"] for run in rows["none"]["runs"]]))
     assert best["best_mpki"] > 0 and f"demo {best['best_mpki'] / none_mpki:.3g}" in mpki["ceiling"]
-    assert mpki["unreachable"] == []
+    assert 0 < best["lowest_mpki"] <= best["lowest_mpki_near_best"] <= best["best_mpki"]
+    assert best["worst_ws"] <= best["lowest_mpki_ws"] <= best["best_ws"]
+    floor_line = mpki["ceiling"].splitlines()[1]
+    share = best["lowest_mpki_ws"] / best["best_ws"]
+    assert f"demo {best['lowest_mpki'] / none_mpki:.3g} (its WS {share:.3g} of the best)" in floor_line
+    assert f"within 3% of the best WS: demo {best['lowest_mpki_near_best'] / none_mpki:.3g}" in floor_line
+    # an exhaustive floor above the goal is what makes it unreachable
+    assert mpki["unreachable"] == (["demo"] if best["lowest_mpki"] / none_mpki > 0.85 else [])
+
+
+def test_only_an_exhaustive_mpki_floor_above_the_goal_calls_it_unreachable() -> None:
+    base = targets.TargetResult("mpki", "mixed scenarios", "<= 0.85", 1.0, targets.MISS, "a 1.0, b 1.0")
+    best = [targets.Ceiling("a", 0.95, exact=True), targets.Ceiling("b", 1.02, exact=False)]
+    lowest = [targets.Ceiling("a", 0.9, True, ws_share=0.8), targets.Ceiling("b", 0.9, False, ws_share=0.7)]
+    near = [targets.Ceiling("a", 0.93, exact=True), targets.Ceiling("b", 0.99, exact=False)]
+    out = targets._with_mpki(base, best, lowest, near, 0.85)
+    # b's whole-VM floor is an upper bound: a split VM might miss less, so b is not unreachable
+    assert out.unreachable == ("a",)
+    first, second = out.ceiling.splitlines()
+    assert "a 0.95, b 1.02 (whole VMs)" in first
+    assert "a 0.9 (its WS 0.8 of the best), b <= 0.9 (its WS 0.7 of the best)" in second
+    assert "within 3% of the best WS: a 0.93, b <= 0.99" in second and "upper bound" in second
+    assert out.status == targets.MISS and out.measured == 1.0
+    below = targets._with_mpki(base, best, [targets.Ceiling("a", 0.8, True, 0.9)], [], 0.85)
+    assert below.unreachable == () and "above the goal" not in below.ceiling
+    assert targets._with_mpki(base, [], [], [], 0.85) == base
 
 
 def test_only_an_exhaustive_ceiling_can_call_a_goal_unreachable() -> None:

@@ -145,8 +145,7 @@ def targets_text(targets: Sequence[TargetResult]) -> str:
         lines.append(f"{t.status:<4}  {t.name:<{width}}  {t.goal:<7}  measured {measured:<7}  {t.scope}")
         if t.detail:
             lines.append(f"      {t.detail}")
-        if t.ceiling:
-            lines.append(f"      {t.ceiling}")
+        lines.extend(f"      {line}" for line in t.ceiling.splitlines())
     return "\n".join(lines)
 
 

@@ -17,9 +17,12 @@ on that scenario is the scenario's, not the policy's; a whole-VM ceiling is a lo
 true one and proves nothing unreachable. The ceiling is steady state while the target is over the
 whole run, arrivals included, so it is a guide, not a bound the run cannot exceed.
 
-The MPKI target gets no ceiling (the search maximises weighted speedup, not MPKI) but the best
-placement's own MPKI against none's final placement, scored the same way: where the placement
-with the best WS misses the MPKI goal, the two goals pull apart on that scenario.
+The MPKI target gets two figures, both against none's final placement and scored the same way:
+the best placement's own MPKI (the search maximises weighted speedup, not MPKI: where the
+placement with the best WS misses the MPKI goal, the two goals pull apart on that scenario) and
+the *floor*, the lowest MPKI of any candidate the search scored. An exhaustive floor above the
+goal means no LLC-domain placement meets it there; a whole-VM floor is an upper bound of the
+true one (a split VM might miss less) and proves nothing unreachable.
 """
 
 from __future__ import annotations
@@ -52,15 +55,18 @@ class TargetResult:
     measured: float | None  # the worst case over the scope
     status: str
     detail: str  # per-scenario values
-    ceiling: str = ""  # what the best placement itself reaches, per scenario ("" where not known)
-    unreachable: tuple[str, ...] = ()  # scenarios whose exhaustive ceiling is below the goal
+    ceiling: str = ""  # what the best placements reach, per scenario, a line per figure ("": not known)
+    unreachable: tuple[str, ...] = ()  # scenarios whose exhaustive ceiling (MPKI: floor) misses the goal
 
 
 @dataclass(frozen=True)
 class Ceiling:
+    """A figure of a scenario's searched placements relative to a baseline's (WS ceiling, MPKI)."""
+
     scenario: str
     value: float
-    exact: bool  # exhaustive search: the true best at LLC-domain granularity; else a lower bound
+    exact: bool  # from the exhaustive search; else whole VMs only (WS: a lower bound, MPKI floor: upper)
+    ws_share: float | None = None  # MPKI floor: that placement's steady WS over the best placement's
 
 
 def _row(sb: ScenarioBench, policy: str) -> PolicyRow | None:
@@ -95,24 +101,78 @@ def ceilings(benches: Sequence[ScenarioBench], against: Sequence[str]) -> list[C
     return out
 
 
-def best_mpki(benches: Sequence[ScenarioBench]) -> list[Ceiling]:
-    """Per scenario with a best placement: its steady MPKI over none's final placement's."""
+def _mpki_over_none(
+    benches: Sequence[ScenarioBench],
+    figure: Callable[[optimal.BestPlacement], float | None],
+    with_share: bool = False,
+) -> list[Ceiling]:
     out = []
     for sb in benches:
-        if not isinstance(sb.best, optimal.BestPlacement) or sb.best.best_mpki is None:
+        best = sb.best
+        if not isinstance(best, optimal.BestPlacement):
             continue
+        value = figure(best)
         base = _steady(sb, "none", lambda r: r.steady_mpki)
-        if base is not None and base > 0:
-            out.append(Ceiling(sb.scenario, sb.best.best_mpki / base, sb.best.exact))
+        if value is None or base is None or not base > 0:
+            continue
+        share = None
+        if with_share and best.lowest_mpki_ws is not None and best.best_ws > 0:
+            share = best.lowest_mpki_ws / best.best_ws
+        out.append(Ceiling(sb.scenario, value / base, best.exact, share))
     return out
 
 
-def _with_best_mpki(result: TargetResult, found: Sequence[Ceiling]) -> TargetResult:
-    if not found:
+def best_mpki(benches: Sequence[ScenarioBench]) -> list[Ceiling]:
+    """Per scenario with a best placement: its steady MPKI over none's final placement's."""
+    return _mpki_over_none(benches, lambda b: b.best_mpki)
+
+
+def lowest_mpki(benches: Sequence[ScenarioBench]) -> list[Ceiling]:
+    """Per scenario searched: the lowest steady MPKI of any candidate over none's final placement's,
+    with that candidate's share of the best WS (aggregate MPKI also falls when a placement slows
+    the threads that miss most)."""
+    return _mpki_over_none(benches, lambda b: b.lowest_mpki, with_share=True)
+
+
+def lowest_mpki_near_best(benches: Sequence[ScenarioBench]) -> list[Ceiling]:
+    """The same over the candidates within optimal.NEAR_BEST_SHARE of the best WS."""
+    return _mpki_over_none(benches, lambda b: b.lowest_mpki_near_best)
+
+
+def _mpki_text(found: Sequence[Ceiling]) -> str:
+    return ", ".join(
+        f"{c.scenario} {'' if c.exact else '<= '}{c.value:.3g}"
+        + ("" if c.ws_share is None else f" (its WS {c.ws_share:.3g} of the best)")
+        for c in found
+    )
+
+
+def _with_mpki(
+    result: TargetResult,
+    best: Sequence[Ceiling],
+    lowest: Sequence[Ceiling],
+    near: Sequence[Ceiling],
+    bound: float,
+) -> TargetResult:
+    if not best and not lowest:
         return result
-    text = ", ".join(f"{c.scenario} {c.value:.3g}{'' if c.exact else ' (whole VMs)'}" for c in found)
-    line = f"the best placement's own MPKI (it is chosen by weighted speedup; steady state): {text}"
-    return dataclasses.replace(result, ceiling=line)
+    parts = []
+    if best:
+        text = ", ".join(f"{c.scenario} {c.value:.3g}{'' if c.exact else ' (whole VMs)'}" for c in best)
+        parts.append(f"the best placement's own MPKI (chosen by weighted speedup; steady state): {text}")
+    short: tuple[str, ...] = ()
+    if lowest:
+        line = f"the lowest MPKI of any placement searched: {_mpki_text(lowest)}"
+        if near:
+            share = f"{1 - optimal.NEAR_BEST_SHARE:.0%}"
+            line += f"; of those within {share} of the best WS: {_mpki_text(near)}"
+        if any(not c.exact for c in lowest):
+            line += " (<=: whole-VM search, an upper bound of the lowest)"
+        short = tuple(c.scenario for c in lowest if c.exact and c.value > bound)
+        if short:
+            line += f"; above the goal on {', '.join(short)}: no LLC-domain placement reaches it there"
+        parts.append(line)
+    return dataclasses.replace(result, ceiling="\n".join(parts), unreachable=short)
 
 
 def _with_ceiling(result: TargetResult, found: Sequence[Ceiling], bound: float) -> TargetResult:
@@ -198,11 +258,14 @@ def evaluate(benches: Sequence[ScenarioBench], decision: DecisionTime | None) ->
             ceilings(mixed, STATIC_BASELINES),
             WS_VS_STATIC_GOAL,
         ),
-        _with_best_mpki(
+        _with_mpki(
             _judge(
                 "MPKI vs none", "mixed scenarios", mixed, _subject(lambda r: r.mpki_vs_none), MPKI_GOAL, False
             ),
             best_mpki(mixed),
+            lowest_mpki(mixed),
+            lowest_mpki_near_best(mixed),
+            MPKI_GOAL,
         ),
         _judge(
             "share of the best placement",
