@@ -494,32 +494,35 @@ class _World:
         return True
 
     def _build_rows(self) -> None:
-        s = self.s
+        # Runs once per vCPU (2,048 on the bench's big host): invariants are read once, and
+        # PU domains are plain ints from a list, not numpy scalars.
+        s, rates, online, pos_of = self.s, self.s.rates, self.online, self.pos_of
+        pmu, assumed = self.pmu, self.p.assumed
+        pu_dom: list[int] = self.pu_dom.tolist()
+        rows = self.rows
         for gi, guest in enumerate(self.guests):
             movable = is_movable(guest)
             whole = movable and guest.pinnability.whole_cores
             for v in sorted(guest.vcpus, key=lambda x: x.index):
-                r = s.rates.get((guest.id, v.index))
+                r = rates.get((guest.id, v.index))
                 u = utilization(r)
-                miss = r.llc_misses_per_s if (r is not None and self.pmu) else None
+                miss = r.llc_misses_per_s if (r is not None and pmu) else None
                 measured = miss is not None
-                m = float(miss) if miss is not None else (u or 0.0) * self.p.assumed
+                m = float(miss) if miss is not None else (u or 0.0) * assumed
                 w = self._sensitivity(guest, v, r) if measured else 1.0
                 aff_dom, weights = self._affinity_domain(v.affinity)
-                lc = last_cpu(s, guest, v, self.online)
-                lc_pos = self.pos_of[lc] if lc is not None else -1
+                lc = last_cpu(s, guest, v, online)
+                lc_pos = pos_of[lc] if lc is not None else -1
                 if aff_dom >= 0:
-                    inside = (
-                        lc is not None and lc in v.affinity and lc_pos >= 0 and self.pu_dom[lc_pos] == aff_dom
-                    )
-                    pu = lc_pos if inside else self.pos_of[next(c for c in v.affinity if c in self.usable)]
+                    inside = lc is not None and lc in v.affinity and lc_pos >= 0 and pu_dom[lc_pos] == aff_dom
+                    pu = lc_pos if inside else pos_of[next(c for c in v.affinity if c in self.usable)]
                     dom = aff_dom
                 else:
                     pu = lc_pos
-                    dom = int(self.pu_dom[lc_pos]) if lc_pos >= 0 else -1
-                self.rows.append(
+                    dom = pu_dom[lc_pos] if lc_pos >= 0 else -1
+                rows.append(
                     _VCpuRow(
-                        i=len(self.rows),
+                        i=len(rows),
                         guest=guest,
                         gi=gi,
                         vcpu=v,
@@ -941,12 +944,12 @@ class _World:
         here = np.zeros((n, self.D), dtype=bool)
         has = d >= 0
         here[np.flatnonzero(has), d[has]] = True
-        mh, uh = m[:, None] * here, u[:, None] * here
-        wmh = wm[:, None] * here
+        mh, wmh = m[:, None] * here, wm[:, None] * here
         foreign = (a.P[None, :] - mh) - (a.PG[gi] - mh)
         foreign_w = (a.W[None, :] - wmh) - (a.WG[gi] - wmh)
-        load = a.L[None, :] - np.where(whole[:, None], 0.0, uh)
-        k_here = np.where(has[:, None], self.K[np.maximum(d, 0)], 0.0)
+        k_here = self.K[np.maximum(d, 0)]
+        if not has.all():
+            k_here = np.where(has[:, None], k_here, 0.0)
         ku = a.KU[gi] - u[:, None] * k_here
         kp = a.KP[gi] - m[:, None] * k_here
         t = self.p.t
@@ -955,6 +958,7 @@ class _World:
         remote = t * m[:, None] * self.rho[gi]
         out: FloatArray = contention + cohesion + remote
         if load_part:
+            load = a.L[None, :] - np.where(whole[:, None], 0.0, u[:, None] * here)
             uu = np.where(whole, 0.0, u)[:, None]
             out = out + self._load_cost(load + uu, smt=False) - self._load_cost(load, smt=False)
         return out
