@@ -90,14 +90,20 @@ def scenario_text(sb: ScenarioBench) -> str:
     return "\n".join(lines)
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"({seconds * 1e3:.1f})"
+
+
 def decision_text(d: DecisionTime) -> str:
     lines = [
         f"== decision time: {d.pus} PUs ({d.llc_domains} LLC domains), {d.vms} VMs, {d.vcpus:,} vCPUs; "
         f"{d.host}",
-        f"{'policy':<12}  {'cold ms':>8}  {'steady ms':>9}  {'moves':>6}   target <= {d.target_s * 1e3:g} ms",
+        f"{'policy':<12}  {'cold ms':>8}  {'(fastest)':>9}  {'steady ms':>9}  {'(fastest)':>9}  {'moves':>6}"
+        f"   target <= {d.target_s * 1e3:g} ms (median of {d.reps})",
     ]
     lines += [
-        f"{p.policy:<12}  {p.cold_s * 1e3:>8.1f}  {p.steady_s * 1e3:>9.1f}  {p.moves_cold:>6}"
+        f"{p.policy:<12}  {p.cold_s * 1e3:>8.1f}  {_ms(p.cold_min_s):>9}  {p.steady_s * 1e3:>9.1f}  "
+        f"{_ms(p.steady_min_s):>9}  {p.moves_cold:>6}"
         for p in d.policies
     ]
     if d.tick_s is not None and d.tick_first_s is not None:
