@@ -171,6 +171,45 @@ def test_random_mixes_are_reproducible_valid_and_walk_the_shipped_hosts() -> Non
         assert m.scenario.vcpu_count >= 2 and all(1 <= vm.vcpus <= 8 for vm in m.scenario.vms)
 
 
+def test_synthetic_random_hosts_are_reproducible_shapes_no_scenario_ships() -> None:
+    from adaptive_pin.bench import random_mix
+    from adaptive_pin.sim.host import load_host_topology
+    from adaptive_pin.sim.scenario import loads_scenario
+
+    a = random_mix.generate(12, seed=2, synthetic=True)
+    assert [m.text for m in a] == [m.text for m in random_mix.generate(12, seed=2, synthetic=True)]
+    shapes = set()
+    for m in a:
+        spec = m.scenario.host
+        assert m.scenario.name.startswith("random-synth-2-")
+        assert spec.topology is None and spec.synthetic is not None
+        h = spec.synthetic
+        shapes.add((h.packages, h.llc_per_package, h.cores_per_llc, h.threads_per_core, h.llc_mib))
+        topo = load_host_topology(spec)
+        assert len(topo.pus) == h.packages * h.llc_per_package * h.cores_per_llc * h.threads_per_core
+        assert len(topo.pus) <= random_mix.MAX_SYNTHETIC_PUS
+        assert len(topo.llc) == h.packages * h.llc_per_package
+        assert h.llc_mib / h.cores_per_llc in random_mix.LLC_MIB_PER_CORE
+        again = loads_scenario(m.text, origin=m.scenario.name, default_name=m.scenario.name)
+        assert again == m.scenario  # saved and rerun with --scenario, it is the same host and mix
+    assert len(shapes) >= 6  # not one shape twelve times
+    # the shipped-host mixes of a seed do not change with the option's existence
+    assert [m.scenario.host.topology for m in random_mix.generate(2, seed=2)] == random_mix.hosts()[:2]
+
+
+def test_random_hosts_synthetic_runs_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "--quick", "--no-decision-time", "--policy", "cache-aware", "--random", "1"]
+    rc = main([*argv, "--random-hosts", "synthetic", "--random-seed", "4", "--json"])
+    doc = json.loads(capsys.readouterr()[0])
+    assert rc == 0 and doc["random_mixes"]["hosts"] == "synthetic"
+    (sc,) = doc["scenarios"]
+    assert sc["scenario"] == "random-synth-4-0" and sc["host"] == "synthetic"
+    assert "synthetic = {" in sc["source"]
+    with pytest.raises(SystemExit) as bad:
+        main([*argv, "--random-hosts", "imaginary"])
+    assert bad.value.code == 2 and "invalid choice: 'imaginary'" in capsys.readouterr()[1]
+
+
 def test_random_alone_runs_only_the_mixes_and_summarises_them(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "--quick", "--no-decision-time", "--policy", "cache-aware", "--policy", "pack"]
     rc = main([*argv, "--random", "2", "--random-seed", "1", "--json"])

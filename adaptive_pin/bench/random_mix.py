@@ -8,6 +8,11 @@ workloads at partial or full load, a quarter of them arriving late and some leav
 written as scenario TOML and read back through the same loader as a scenario file, so each one
 can be saved (``--json`` carries its text) and rerun alone with ``--scenario``.
 
+With ``synthetic=True`` (``bench --random-hosts synthetic``) each mix gets a host shape drawn
+from the same RNG instead: 1 to 4 packages of 1 to 8 LLC domains of 4 to 16 cores, with or
+without SMT, 1.5 to 4 MiB of L3 per core, up to 256 PUs -- shapes no shipped machine has (a
+1-socket many-CCX EPYC, a 4-socket host, an SMT-less Arm server), built without sysfs.
+
 Why: the shipped scenarios each show one effect, and a policy can come to fit them; a policy
 that is any good must also win on hosts and mixes it has never seen.
 """
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 
 from adaptive_pin.fixtures import fixture_names
 from adaptive_pin.sim.host import load_host_topology
-from adaptive_pin.sim.scenario import HostSpec, Scenario, loads_scenario
+from adaptive_pin.sim.scenario import HostSpec, Scenario, SyntheticHost, loads_scenario
 from adaptive_pin.sim.workloads import load_curves
 
 DURATION_S = 120
@@ -30,6 +35,13 @@ SIZES = (1, 2, 2, 4, 4, 8)
 SMALL_HOST_SIZES = (1, 2, 2)  # fewer than 16 usable PUs
 LATE_SHARE, LATE_AT = 0.25, (10, 30, 50)
 LEAVE_SHARE, LEAVE_AT = 0.1, 90
+# synthetic hosts (synthetic=True)
+PACKAGES = (1, 2, 2, 4)
+LLC_PER_PACKAGE = (1, 2, 4, 8)
+CORES_PER_LLC = (4, 6, 8, 16)
+THREADS_PER_CORE = (1, 2, 2)
+LLC_MIB_PER_CORE = (1.5, 2.0, 4.0)  # Skylake-SP 1.375, Zen 2-4 4, Arm Neoverse servers 1-2
+MAX_SYNTHETIC_PUS = 256  # the simulated run's cost grows with the host; bench stays minutes
 
 
 @dataclass(frozen=True)
@@ -66,28 +78,57 @@ def _vms(rng: random.Random, usable: int, workloads: Sequence[str]) -> list[str]
     return out
 
 
-def generate(count: int, seed: int) -> list[RandomScenario]:
-    """``count`` scenarios from ``seed``; the i-th uses the i-th shipped host (cycling)."""
+def synthetic_host(rng: random.Random) -> SyntheticHost:
+    """A host shape from the tables above; LLC domains per package halved until it fits."""
+    packages, llcs = rng.choice(PACKAGES), rng.choice(LLC_PER_PACKAGE)
+    cores, threads = rng.choice(CORES_PER_LLC), rng.choice(THREADS_PER_CORE)
+    per_core = rng.choice(LLC_MIB_PER_CORE)
+    while llcs > 1 and packages * llcs * cores * threads > MAX_SYNTHETIC_PUS:
+        llcs //= 2
+    return SyntheticHost(packages, llcs, cores, threads, llc_mib=cores * per_core)
+
+
+def _host_lines(
+    rng: random.Random, shipped: Sequence[str], i: int, synthetic: bool
+) -> tuple[str, str, HostSpec]:
+    """(host description, its [host] table's line, the spec) of the i-th mix."""
+    if not synthetic:
+        topo = shipped[i % len(shipped)]
+        return topo, f'topology = "{topo}"', HostSpec(topology=topo)
+    h = synthetic_host(rng)
+    threads = f"{h.threads_per_core} thread{'s' if h.threads_per_core > 1 else ''}"
+    shape = f"{h.packages} x {h.llc_per_package} LLC x {h.cores_per_llc} cores x {threads}"
+    line = (
+        f"synthetic = {{ packages = {h.packages}, llc_per_package = {h.llc_per_package}, "
+        f"cores_per_llc = {h.cores_per_llc}, threads_per_core = {h.threads_per_core}, "
+        f"llc_mib = {h.llc_mib:g} }}"
+    )
+    return f"synthetic {shape}, {h.llc_mib:g} MiB L3 each", line, HostSpec(topology=None, synthetic=h)
+
+
+def generate(count: int, seed: int, synthetic: bool = False) -> list[RandomScenario]:
+    """``count`` scenarios from ``seed``: the i-th on the i-th shipped host (cycling), or, with
+    ``synthetic``, each on a host shape drawn from the same RNG."""
     rng = random.Random(seed)
     workloads = sorted(load_curves())
-    names = hosts()
+    shipped = hosts()
     out: list[RandomScenario] = []
     for i in range(count):
-        topo = names[i % len(names)]
-        name = f"random-{seed}-{i}"
+        where, host_line, spec = _host_lines(rng, shipped, i, synthetic)
+        name = f"random-{'synth-' if synthetic else ''}{seed}-{i}"
         head = "\n".join(
             [
                 f'name = "{name}"',
-                f'description = "random mix {i} of seed {seed} on {topo}"',
+                f'description = "random mix {i} of seed {seed} on {where}"',
                 f"duration = {DURATION_S}",
                 "tick = 1.0",
                 f"seed = {rng.randrange(1 << 31)}",
                 "",
                 "[host]",
-                f'topology = "{topo}"',
+                host_line,
             ]
         )
-        host = load_host_topology(HostSpec(topology=topo))
+        host = load_host_topology(spec)
         usable = len(host.usable or host.online)
         text = head + "\n\n" + "\n\n".join(_vms(rng, usable, workloads)) + "\n"
         out.append(RandomScenario(loads_scenario(text, origin=name, default_name=name), text))

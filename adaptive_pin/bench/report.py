@@ -116,7 +116,8 @@ def decision_text(d: DecisionTime) -> str:
 
 def random_text(m: MixSummary, options: BenchOptions) -> str:
     lines = [
-        f"== random mixes (bench --random {options.random} --random-seed {options.random_seed}): "
+        f"== random mixes (bench --random {options.random} --random-seed {options.random_seed}"
+        f"{' --random-hosts synthetic' if options.random_hosts == 'synthetic' else ''}): "
         f"cache-aware on {m.scenarios} generated scenario(s), no targets",
         f"{'':<18}  {'median':>7}  {'worst':>7}  {'best':>7}  {'above 1':>8}  {'below 0.99':>10}"
         "  worst scenario",
@@ -223,4 +224,9 @@ def _random_json(benches: Sequence[ScenarioBench], options: BenchOptions) -> dic
     m = random_summary(benches)
     if m is None:
         return None
-    return {"count": options.random, "seed": options.random_seed, **dataclasses.asdict(m)}
+    return {
+        "count": options.random,
+        "seed": options.random_seed,
+        "hosts": options.random_hosts,
+        **dataclasses.asdict(m),
+    }

@@ -86,6 +86,9 @@ class ScenarioBench:
     source: str | None = None  # a generated scenario's TOML text (bench --random); None: a file
 
 
+RANDOM_HOSTS = ("shipped", "synthetic")
+
+
 @dataclass(frozen=True)
 class BenchOptions:
     scenarios: tuple[str, ...] = ()  # files or shipped names; empty: every shipped scenario
@@ -94,6 +97,7 @@ class BenchOptions:
     quick: bool = False
     random: int = 0  # generated mixes to add (adaptive_pin.bench.random_mix)
     random_seed: int = 0
+    random_hosts: str = "shipped"  # RANDOM_HOSTS: the shipped machines in turn, or drawn shapes
     budget: int | None = None  # best-placement candidates; None: the default for quick or not
 
     @property
@@ -239,6 +243,11 @@ def run_bench(
     # --random alone runs only the generated mixes; with --scenario, both.
     named = load_scenarios(options.scenarios) if options.scenarios or not options.random else []
     out = [bench_scenario(sc, policies, options, progress) for sc in named]
-    for mix in random_mix.generate(options.random, options.random_seed):
+    if options.random_hosts not in RANDOM_HOSTS:
+        raise UsageError(
+            f"--random-hosts: expected one of {', '.join(RANDOM_HOSTS)}, got {options.random_hosts!r}"
+        )
+    synthetic = options.random_hosts == "synthetic"
+    for mix in random_mix.generate(options.random, options.random_seed, synthetic=synthetic):
         out.append(bench_scenario(mix.scenario, policies, options, progress, source=mix.text))
     return out

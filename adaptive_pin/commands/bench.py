@@ -35,6 +35,8 @@ examples:
   adaptive-pin bench --scenario demo --policy cache-aware --policy pack
   adaptive-pin bench --scenario my-host.toml --no-decision-time
   adaptive-pin bench --random 24 --seeds 1 --no-decision-time   mixes nobody tuned for
+  adaptive-pin bench --random 12 --random-hosts synthetic --seeds 1 --no-decision-time
+                                                      ... on host shapes nobody ships
   adaptive-pin bench --json > bench.json              every figure and every run
   adaptive-pin bench --scenario mixed-cloud --policy cache-aware --search-budget 110000
                                                       the exact best placement (about 40 min)
@@ -86,6 +88,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--random-seed", type=int, default=0, metavar="S", help="seed of the generated mixes (default 0)"
     )
     p.add_argument(
+        "--random-hosts",
+        choices=runner.RANDOM_HOSTS,
+        default="shipped",
+        help="hosts of the generated mixes: the shipped real machines in turn (default), or "
+        "synthetic shapes drawn by the same seed (1-4 packages x 1-8 LLCs x 4-16 cores, SMT or "
+        "not, up to 256 PUs): topologies no scenario ships",
+    )
+    p.add_argument(
         "--search-budget",
         type=int,
         metavar="N",
@@ -115,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         quick=args.quick,
         random=args.random,
         random_seed=args.random_seed,
+        random_hosts=args.random_hosts,
         budget=args.search_budget,
     )
     t0 = time.perf_counter()
