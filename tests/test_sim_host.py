@@ -56,6 +56,25 @@ def test_scheduler_balances_load_idle_core_before_smt_sibling() -> None:
     assert p2.got == pytest.approx(np.ones(n))
 
 
+def test_two_busy_siblings_split_onto_a_core_whose_only_thread_mostly_sleeps() -> None:
+    """No core is wholly idle, but one runs a thread at 0.3: newidle balancing pulls from the
+    doubled-up core in the 70% it sleeps (SD_PREFER_SIBLING: a task per core before two)."""
+    topo = synthetic_topology(packages=1, cores_per_llc=3, threads_per_core=2)
+    sched = LinuxLikeScheduler(topo, np.random.default_rng(0))
+    pus_of = [np.flatnonzero(topo.pu_core == c) for c in range(3)]  # each core's two PUs
+    # busy pair on core 0, the sleeper alone on core 1, a busy thread alone on core 2
+    current = np.array([pus_of[0][0], pus_of[0][1], pus_of[1][0], pus_of[2][0]], dtype=np.int64)
+    demand = np.array([1.0, 1.0, 0.3, 1.0])
+    dt = 1e-9  # no wakeup noise: only the balancing steps move threads
+    p = sched.place(np.ones((4, 6), dtype=np.bool_), current, demand, dt)
+    core_load = np.bincount(topo.pu_core[p.pu], weights=demand, minlength=3)
+    assert sorted(core_load.tolist()) == pytest.approx([1.0, 1.0, 1.3])  # a busy thread per core
+    assert p.migrated.sum() == 1 and len(set(p.pu.tolist())) == 4  # one move, no time-sharing
+    # balanced: the next tick moves nobody (1.0 + 0.3 is not below 1.3: no trading back)
+    again = sched.place(np.ones((4, 6), dtype=np.bool_), p.pu, demand, dt)
+    assert not again.migrated.any()
+
+
 def test_an_overcommitted_host_gets_its_busy_queues_evened_out() -> None:
     """No PU idle: load_balance still moves a thread from a queue of 3 to a queue of 1."""
     topo = synthetic_topology(packages=1, cores_per_llc=2, threads_per_core=1)

@@ -5,8 +5,9 @@ What it imitates of CFS/EEVDF (kernel/sched/fair.c), at the granularity of one t
 - a thread that must be placed takes an idle PU first, an idle *core* before an idle SMT
   sibling (select_idle_core), its previous LLC before another one (select_idle_sibling);
 - periodic/newidle balancing pulls a second runnable thread off a busy PU to an idle one,
-  same LLC first, then same node, then anywhere the affinity allows; and splits two busy
-  threads on one core when a whole core is idle;
+  same LLC first, then same node, then anywhere the affinity allows; splits two busy
+  threads on one core when a whole core is idle; and evens the CPU demand of the cores of an
+  LLC (SD_PREFER_SIBLING: a task per core before two);
 - when no PU is idle (overcommit), periodic balancing still evens the runnable load: a thread
   leaves an overloaded PU for the least loaded allowed one of its LLC (then node, then any)
   when the busier queue carries ``IMBALANCE_PCT`` times the other's load and the thread's
@@ -184,6 +185,38 @@ class LinuxLikeScheduler:
                 best = key
         return None if best is None else (best[1], best[2])
 
+    def _smt_balance(
+        self,
+        allowed: BoolArray,
+        pu: IntArray,
+        demand: FloatArray,
+        count: IntArray,
+        move: Callable[[int, int], None],
+    ) -> None:
+        """Step 3b of place(): even the CPU demand of the cores of each LLC, a thread at a time.
+
+        A move from a core asking a to one asking b (b + d < a) lowers the sum of squared core
+        demands, so repeated ticks converge instead of trading a thread back and forth."""
+        n_core = int(self.core.max()) + 1
+        placed = pu >= 0
+        core_load = np.bincount(self.core[pu[placed]], weights=demand[placed], minlength=n_core)
+        for c in np.argsort(-core_load, kind="stable").tolist():
+            if core_load[c] <= 1.0 + 1e-9:
+                break
+            on_core = np.flatnonzero(placed & (self.core[np.maximum(pu, 0)] == c))
+            for i in sorted(on_core.tolist(), key=lambda j: -demand[j]):
+                at = int(pu[i])
+                lighter = core_load[self.core] + demand[i] < core_load[c] - 1e-9
+                mask = allowed[i] & (count == 0) & (self.llc == self.llc[at]) & lighter
+                if not mask.any():
+                    continue
+                score = np.where(mask, -core_load[self.core] + self.rng.random(self.n_pu) * 1e-6, -np.inf)
+                to = int(np.argmax(score))
+                core_load[c] -= demand[i]
+                core_load[self.core[to]] += demand[i]
+                move(i, to)
+                break  # one thread per core per tick
+
     # --- one tick -----------------------------------------------------------------------
     def place(self, allowed: BoolArray, current: IntArray, demand: FloatArray, dt: float) -> Placement:
         """New positions for every thread; ``allowed`` is (N, n_pu), ``current`` -1 if unplaced."""
@@ -255,6 +288,13 @@ class LinuxLikeScheduler:
                 if core_idle.any() and busy[c] > 1:
                     move(int(i), self._pick(core_idle, count, int(pu[i]), load))
                     busy = self._core_busy(count)
+
+        # 3b. SMT balance inside an LLC (SD_PREFER_SIBLING on the SMT level: one task per core
+        # before two): a core whose threads ask for more than one CPU gives one to an idle PU of
+        # a core of its LLC that, with it, still asks for less than the giver did. A core whose
+        # only thread sleeps most of the time is idle that share of the tick, and newidle
+        # balancing pulls from the doubled-up core then; step 3 sees only wholly idle cores.
+        self._smt_balance(allowed, pu, demand, count, move)
 
         # 4. noise: wakeups on another idle PU of the LLC; rare pulls to another LLC
         p_wake = np.clip(WAKE_MIGRATIONS_PER_IDLE_S * (1.0 - demand) * dt, 0.0, 1.0)
