@@ -61,12 +61,13 @@ class LinuxLikeScheduler:
         self.node = topology.pu_node
         self.n_pu = len(topology.pus)
         self.n_llc = int(self.llc.max()) + 1
+        self.n_core = int(self.core.max()) + 1
         self.llc_pus = np.bincount(self.llc, minlength=self.n_llc).astype(np.float64)
 
     # --- helpers -----------------------------------------------------------------------
     def _core_busy(self, count: IntArray) -> IntArray:
         busy: IntArray = np.bincount(
-            self.core, weights=(count > 0).astype(np.float64), minlength=int(self.core.max()) + 1
+            self.core, weights=(count > 0).astype(np.float64), minlength=self.n_core
         ).astype(np.int64)
         return busy
 
@@ -197,20 +198,20 @@ class LinuxLikeScheduler:
 
         A move from a core asking a to one asking b (b + d < a) lowers the sum of squared core
         demands, so repeated ticks converge instead of trading a thread back and forth."""
-        n_core = int(self.core.max()) + 1
         placed = pu >= 0
-        core_load = np.bincount(self.core[pu[placed]], weights=demand[placed], minlength=n_core)
+        core_load = np.bincount(self.core[pu[placed]], weights=demand[placed], minlength=self.n_core)
         for c in np.argsort(-core_load, kind="stable").tolist():
             if core_load[c] <= 1.0 + 1e-9:
                 break
             on_core = np.flatnonzero(placed & (self.core[np.maximum(pu, 0)] == c))
             for i in sorted(on_core.tolist(), key=lambda j: -demand[j]):
                 at = int(pu[i])
-                lighter = core_load[self.core] + demand[i] < core_load[c] - 1e-9
+                pu_core_load = core_load[self.core]  # each PU's core's demand
+                lighter = pu_core_load + demand[i] < core_load[c] - 1e-9
                 mask = allowed[i] & (count == 0) & (self.llc == self.llc[at]) & lighter
                 if not mask.any():
                     continue
-                score = np.where(mask, -core_load[self.core] + self.rng.random(self.n_pu) * 1e-6, -np.inf)
+                score = np.where(mask, -pu_core_load + self.rng.random(self.n_pu) * 1e-6, -np.inf)
                 to = int(np.argmax(score))
                 core_load[c] -= demand[i]
                 core_load[self.core[to]] += demand[i]
