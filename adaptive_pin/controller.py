@@ -107,6 +107,12 @@ class Controller:
                     back = self._rollback_move(outcome.move, snapshot)
                     if back is not None and self._apply(back, snapshot, errors, refused):
                         applied.append(back)
+            # After the rollbacks, so the policy sees their vCPUs held too. As of when a move
+            # proposed now can first be made (after hold_ticks - 1 more ticks): one the guard
+            # holds now but not then is proposed, and happens as soon as the rule lets it.
+            hold = 0 if one_shot else self.settings.guard.hold_ticks - 1
+            then = snapshot.time + hold * self.settings.interval_s
+            snapshot = replace(snapshot, frozen=self.guard.cooling(then), barred=self.guard.barred(then))
             plan = self._decide(snapshot, errors)
             verdict = self.guard.filter(self._sane(plan, snapshot, refused), snapshot, one_shot=one_shot)
             refused.extend(verdict.refused)

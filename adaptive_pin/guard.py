@@ -1,7 +1,9 @@
 """The guard between a policy's plan and the actuator: hysteresis, cooldowns, budget.
 
 Policies propose; the guard decides what is allowed to happen now. It is what keeps the
-controller from thrashing when a policy (or its input) is noisy:
+controller from thrashing when a policy (or its input) is noisy. The controller tells the
+policy what the cooldown and the return window hold this tick (``cooling``, ``barred``:
+``Snapshot.frozen``, ``Snapshot.barred``), so a plan can be made of moves that may happen:
 
 - a move must be proposed with the same target for ``hold_ticks`` consecutive ticks
   (first placements of a vCPU the controller never touched skip this: nothing to ping-pong);
@@ -168,6 +170,18 @@ class Guard:
             accepted.extend(group)
         accepted.sort(key=lambda m: (-m.predicted_gain, m.guest_id, m.vcpu))
         return GuardResult(tuple(accepted), tuple(refused))
+
+    def cooling(self, at: float) -> frozenset[VCpuKey]:
+        """The vCPUs still in their cooldown at time ``at`` (``Snapshot.frozen``)."""
+        window = self.settings.cooldown_s
+        moved = ((key, h.last_moved) for key, h in self._history.items() if h.last_moved is not None)
+        return frozenset(key for key, t in moved if at - t < window)
+
+    def barred(self, at: float) -> frozenset[tuple[VCpuKey, CpuSet]]:
+        """The CPU sets each vCPU may still not go back to at time ``at`` (``Snapshot.barred``)."""
+        window = self.settings.return_window_s
+        left = ((key, where, t) for key, h in self._history.items() for where, t in h.left.items())
+        return frozenset((key, where) for key, where, t in left if at - t < window)
 
     def _first_placement(self, move: Move) -> bool:
         """A first placement of a vCPU the controller never moved: nothing to ping-pong."""

@@ -459,6 +459,13 @@ class Snapshot:
     capabilities: Mapping[str, str | None] = field(default_factory=dict)  # counter -> None or why not
     taken: CpuSet = field(default_factory=CpuSet)  # held by orchestrator-pinned VMs
     bad_placements: frozenset[tuple[VCpuKey, CpuSet]] = frozenset()  # rolled back recently
+    # vCPUs the guard will still hold where they are when a move proposed now can first be
+    # made (hold_ticks - 1 ticks on): moved within its cooldown; a move of one is refused unless
+    # it gathers a split VM. A policy that plans around them proposes the best moves that can
+    # happen, not moves refused tick after tick
+    frozen: frozenset[VCpuKey] = frozenset()
+    # (vCPU, CPU set) pairs the guard will still refuse then: CPUs left within the return window
+    barred: frozenset[tuple[VCpuKey, CpuSet]] = frozenset()
 
     @property
     def has_pmu(self) -> bool:

@@ -38,7 +38,9 @@ Each decide():
    remembered in the state) -- move VMs whole (or gather split ones whole), then swap pairs of
    VMs between full domains, then give up their worst vCPUs, one greedy best move at a time
    (a single vCPU only gathers its VM, never splits it), while a move gains at least
-   ``min_gain`` (kind "rebalance", or "cohesion" when that is the main gain);
+   ``min_gain`` (kind "rebalance", or "cohesion" when that is the main gain); a VM the guard
+   holds (a vCPU in Snapshot.frozen) stays, and no vCPU or VM goes where the guard would refuse
+   it (Snapshot.barred, bad_placements), so the moves proposed are the best that may happen now;
 3. at granularity pu or core, the PU inside the domain is the least loaded one, busy vCPUs of
    different VMs kept off SMT siblings while a free core exists; vCPUs doubled up on a PU while
    one of their domain is idle are spread (kind "balance");
@@ -352,11 +354,21 @@ class _World:
         can_follow = self.follows[:, None] & self.dom_follows[None, :]
         self.rho = np.where(can_follow, self.rho_full * w, self.rho_full)
         self.bad: defaultdict[VCpuKey, list[CpuSet]] = defaultdict(list)
+        self._closed_memo: dict[VCpuKey, tuple[int, ...]] = {}  # per vCPU, then per VM (_closed_vm)
+        self._closed_vm_memo: dict[int, tuple[int, ...]] = {}
         for key, cpus in snapshot.bad_placements:
             self.bad[key].append(cpus)
+        if gran in ("llc", "node") and snapshot.barred:
+            # the guard bars the exact set left: a domain is closed when a move there targets it
+            pus = np.asarray(topo.pus)
+            whole_dom = {CpuSet(pus[pos[self.usable_mask[pos]]].tolist()) for pos in self.dom_pos}
+            for key, cpus in snapshot.barred:
+                if cpus in whole_dom:
+                    self.bad[key].append(cpus)
         self.rows: list[_VCpuRow] = []
         self._aff_cache: dict[CpuSet, tuple[int, FloatArray | None]] = {}
         self._build_rows()
+        self._freeze(snapshot.frozen)
         # the rows' fixed figures as arrays, for the vectorised paths to index by row
         n_rows = len(self.rows)
         self.row_m = np.fromiter((r.m for r in self.rows), dtype=np.float64, count=n_rows)
@@ -541,6 +553,25 @@ class _World:
                         off_cap=not movable and weights is None,
                     )
                 )
+
+    def _freeze(self, frozen: frozenset[VCpuKey]) -> None:
+        """A VM confined to one domain with a vCPU the guard holds (Snapshot.frozen) stays put
+        this tick: it moves whole or not at all, and the guard would refuse the move, so the
+        plan is made around it instead of being refused tick after tick. A split VM keeps its
+        freedom (the guard lets a move that gathers it through), and so does a whole_cores VM,
+        whose cores are reserved for it only while its rows are movable."""
+        if not frozen:
+            return
+        by_vm: defaultdict[int, list[_VCpuRow]] = defaultdict(list)
+        for r in self.rows:
+            by_vm[r.gi].append(r)
+        for rows in by_vm.values():
+            if rows[0].whole or not any(r.movable and (r.guest.id, r.vcpu.index) in frozen for r in rows):
+                continue
+            doms = {r.aff_dom for r in rows}
+            if len(doms) == 1 and min(doms) >= 0:
+                for r in rows:
+                    r.movable = False
 
     def _sensitivity(self, guest: Guest, v: VCpu, r: VCpuRates | None) -> float:
         """Misses at risk per miss: HIT_LOSS x the vCPU's LLC hits per miss since the last
@@ -770,7 +801,7 @@ class _World:
         )
         whole_at = own_n >= own_n.sum(axis=1, keepdims=True) - 0.5
         room = (self.capacity()[None, :] - base >= bu[:, None] - 1e-9) | whole_at
-        cost = self._mask([by_vm[gi][0] for gi in vms], np.where(room, cost, INF))
+        cost = self._mask([by_vm[gi][0] for gi in vms], np.where(room, cost, INF), whole=True)
         intra = 0.5 * ((own_p * ku_own).sum(axis=1) + (own_u * kp_own).sum(axis=1))
         cohesion = sig * t * ((own_p * ku).sum(axis=1) + (own_u * kp).sum(axis=1) + intra) / ut
         now = (
@@ -970,21 +1001,42 @@ class _World:
         kp = a.KP[r.gi, d] - r.m * own[d]
         return float(self.p.sharing * self.p.t * (r.m * ku + r.u * kp) / a.UT[r.gi])
 
-    def _mask(self, rows: Sequence[_VCpuRow], costs: FloatArray) -> FloatArray:
-        """Costs with domains a row may not go to set to +inf (no room for it, rolled back there);
-        ``costs`` itself when no domain is closed to any row (callers never write to it)."""
-        if not self.holders and not self.bad and self._all_open():
+    def _mask(self, rows: Sequence[_VCpuRow], costs: FloatArray, whole: bool = False) -> FloatArray:
+        """Costs with domains a row may not go to set to +inf (no room for it, rolled back there,
+        left within the guard's return window); with ``whole`` each row stands for its VM, moved
+        whole, and a domain closed to any of its vCPUs is closed to it. ``costs`` itself when no
+        domain is closed to any row (callers never write to it)."""
+        closed = [self._closed_vm(r.gi) if whole else self._closed(r) for r in rows] if self.bad else []
+        if not self.holders and not any(closed) and self._all_open():
             return costs  # nothing to mask (the hot case: every cold placement asks)
         out = np.where(self.capacity()[None, :] > 0, costs, INF)
-        if not self.holders and not self.bad:
+        if not self.holders and not any(closed):
             return out
         for i, r in enumerate(rows):
             if r.gi in self.holders:
                 out[i] = [c if self._fits(r, d) else INF for d, c in enumerate(costs[i])]
-            for cpus in self.bad.get((r.guest.id, r.vcpu.index), ()):
-                doms = {int(self.pu_dom[self.pos_of[c]]) for c in cpus if c in self.pos_of}
-                if len(doms) == 1:
-                    out[i, doms.pop()] = INF
+            if closed and closed[i]:
+                out[i, list(closed[i])] = INF
+        return out
+
+    def _closed(self, r: _VCpuRow) -> tuple[int, ...]:
+        """The domains a vCPU's rolled-back or return-window placements name (one domain each)."""
+        key = (r.guest.id, r.vcpu.index)
+        out = self._closed_memo.get(key)
+        if out is None:
+            doms = set()
+            for cpus in self.bad.get(key, ()):
+                in_doms = {int(self.pu_dom[self.pos_of[c]]) for c in cpus if c in self.pos_of}
+                if len(in_doms) == 1:
+                    doms |= in_doms
+            out = self._closed_memo[key] = tuple(sorted(doms))
+        return out
+
+    def _closed_vm(self, gi: int) -> tuple[int, ...]:
+        out = self._closed_vm_memo.get(gi)
+        if out is None:
+            doms = {d for r in self.rows_of[gi] for d in self._closed(r)}
+            out = self._closed_vm_memo[gi] = tuple(sorted(doms))
         return out
 
     # ------------------------------------------------------------------ 1. place
@@ -1046,7 +1098,7 @@ class _World:
             scores: FloatArray = contention + cohesion + remote + overload
         else:  # nothing of it placed yet (the cold case): no siblings, no own share to take out
             scores = self._contention(w_batch, p_batch, a.P, a.W, self.M) + remote + overload
-        masked: FloatArray = self._mask(rows[:1], scores[None, :])[0]
+        masked: FloatArray = self._mask(rows[:1], scores[None, :], whole=True)[0]
         return masked
 
     def _best_domain(self, scores: FloatArray, free: FloatArray) -> int:
@@ -1397,7 +1449,7 @@ class _World:
         own_p, own_w, own_u, own_n = self._vm_sums(pool, by_vm)
         all_bm, all_bw, all_bu = own_p.sum(axis=1), own_w.sum(axis=1), own_u.sum(axis=1)
         all_size = own_n.sum(axis=1)
-        all_mask = self._mask([by_vm[gi][0] for gi in pool], np.zeros((len(pool), len(self.M))))
+        all_mask = self._mask([by_vm[gi][0] for gi in pool], np.zeros((len(pool), len(self.M))), whole=True)
         all_xr = t * all_bm[:, None] * self.rho[np.asarray(pool, dtype=np.int64)] + all_mask
         alive = list(range(len(pool)))
         while len(alive) >= 2 and used < budget:

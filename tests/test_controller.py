@@ -268,3 +268,42 @@ def test_reports_are_complete(tmp_path: Path) -> None:
     keys: Sequence[VCpuKey] = list(r.snapshot.rates)
     assert len(keys) == sum(len(g.vcpus) for g in r.snapshot.guests)
     assert replace(r, tick=2).tick == 2
+
+
+class _MovesOnce:
+    """Moves ``sort-1`` vCPU 0 once, then only records what the controller says the guard holds."""
+
+    name = "moves-once"
+    description = "one move, then a record of Snapshot.frozen and Snapshot.barred"
+
+    def __init__(self) -> None:
+        self.seen: list[Snapshot] = []
+
+    def initial_state(self) -> object:
+        return False
+
+    def decide(self, snapshot: Snapshot, state: object) -> tuple[Plan, object]:
+        self.seen.append(snapshot)
+        if state:
+            return Plan(self.name), state
+        g = next(g for g in snapshot.guests if g.name == "sort-1")
+        m = Move(g.id, g.name, 0, g.vcpus[0].affinity, CpuSet.parse("4-5"), "test", 1.0)
+        return Plan(self.name, (m,)), True
+
+
+def test_the_policy_is_told_which_vcpus_the_guard_holds_and_where_they_may_not_return() -> None:
+    guard = GuardSettings(hold_ticks=1, cooldown_s=20, return_window_s=30)
+    ctl, host = _controller(DEMO, settings=ControllerSettings(interval_s=5.0, guard=guard))
+    ctl.policy = policy = _MovesOnce()
+    ctl.policy_state = policy.initial_state()
+    host.step()
+    left = next(g for g in ctl.driver.inventory().guests if g.name == "sort-1")
+    key, before = (left.id, 0), left.vcpus[0].affinity
+    reports = _drive(ctl, host, 45)
+    assert [m.key for m in reports[0].applied] == [key] and reports[0].snapshot.time == 6.0
+    for snap in policy.seen[1:]:
+        age = snap.time - 6.0
+        assert snap.frozen == (frozenset({key}) if age < 20 else frozenset()), age
+        assert snap.barred == (frozenset({(key, before)}) if age < 30 else frozenset()), age
+    # the tick's report carries the snapshot the policy saw
+    assert [r.snapshot.frozen for r in reports] == [s.frozen for s in policy.seen]

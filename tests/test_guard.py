@@ -91,6 +91,21 @@ def test_cooldown_and_no_return_to_where_it_came_from(topo: Topology) -> None:
     assert g.filter(_plan(_move("4", frm="2")), _snap(topo, 301)).accepted
 
 
+def test_what_the_guard_holds_is_told_to_the_policy(topo: Topology) -> None:
+    g = Guard(GuardSettings(hold_ticks=1, cooldown_s=60, return_window_s=300))
+    g.record_move(_move("2", frm="4"), 0)
+    g.record_move(_move("3", vm=2, frm="5"), 50)
+    assert g.cooling(30) == {("g1", 0), ("g2", 0)}
+    assert g.cooling(70) == {("g2", 0)} and g.cooling(110) == frozenset()
+    assert g.barred(70) == {(("g1", 0), CpuSet.parse("4")), (("g2", 0), CpuSet.parse("5"))}
+    assert g.barred(320) == {(("g2", 0), CpuSet.parse("5"))} and g.barred(400) == frozenset()
+    # what it says is what it does
+    r = g.filter(_plan(_move("6", frm="2"), _move("6", vm=2, frm="3")), _snap(topo, 70))
+    assert [m.guest_name for m in r.accepted] == ["vm1"]
+    assert [(m.guest_name, why[:12]) for m, why in r.refused] == [("vm2", "cooling down")]
+    assert "would move back" in g.filter(_plan(_move("5", vm=2, frm="3")), _snap(topo, 120)).refused[0][1]
+
+
 def test_budget_keeps_the_largest_gains(topo: Topology) -> None:
     g = Guard(GuardSettings(hold_ticks=1, budget_per_tick=2))
     moves = [_move(str(cpu), gain=float(i), vm=i) for i, cpu in enumerate((2, 3, 4, 5))]

@@ -653,3 +653,37 @@ def test_a_domain_one_thread_over_its_cores_does_not_charge_every_vcpu_in_it() -
         ("b", 1),
     ]
     assert {m.to_cpus for m in plan.moves} == {node0}
+
+
+def test_a_vm_the_guard_holds_stays_and_the_plan_moves_another_instead() -> None:
+    # Two hungry VMs share LLC 0; one of them was just moved (Snapshot.frozen): the plan
+    # separates them by moving the other, a move the guard will let through now.
+    guests = [vm("a", [LLC0] * 2), vm("b", [LLC0] * 2), vm("q", [LLC1] * 2)]
+    snap = snapshot(TOPO, guests, load(guests, {"a": (1.0, HUNGRY), "b": (1.0, HUNGRY), "q": (0.3, QUIET)}))
+    policy = CacheAwarePolicy()
+    for held, free in (("a", "b"), ("b", "a")):
+        frozen = frozenset((held, i) for i in range(2))
+        plan, _ = policy.decide(replace(snap, frozen=frozen), policy.initial_state())
+        assert plan.moves and {m.guest_id for m in plan.moves} == {free}, plan.moves
+    both = frozenset((g, i) for g in ("a", "b") for i in range(2))
+    plan, _ = policy.decide(replace(snap, frozen=both), policy.initial_state())
+    assert not [m for m in plan.moves if m.guest_id in ("a", "b")]
+
+
+def test_a_domain_a_vcpu_left_within_the_return_window_is_not_proposed() -> None:
+    guests = [vm("a", [LLC0] * 2), vm("b", [LLC0] * 2), vm("q", [LLC1] * 2)]
+    snap = snapshot(TOPO, guests, load(guests, {"a": (1.0, HUNGRY), "b": (1.0, HUNGRY), "q": (0.3, QUIET)}))
+    policy = CacheAwarePolicy()
+    for barred, free in (("a", "b"), ("b", "a")):
+        plan, _ = policy.decide(replace(snap, barred=frozenset({((barred, 1), LLC1)})), None)
+        assert plan.moves and {m.guest_id for m in plan.moves} == {free}, plan.moves
+
+
+def test_a_split_vm_the_guard_holds_is_still_gathered() -> None:
+    # the guard lets a move through that brings a split VM together, cooling or not
+    guests = [vm("a", [LLC0, LLC0, LLC1, LLC1])]
+    snap = snapshot(TOPO, guests, load(guests, {"a": (0.8, 5e6)}))
+    snap = replace(snap, frozen=frozenset(("a", i) for i in range(4)))
+    final, _, plans = settle(CacheAwarePolicy(), snap)
+    assert len(llcs(final, "a")) == 1
+    assert {m.kind for p in plans for m in p.moves} == {"cohesion"}

@@ -276,10 +276,10 @@ def test_closed_loop_with_a_policy_records_moves_and_placement() -> None:
 
 def test_no_swap_is_ever_half_made_in_a_closed_loop(tmp_path: Path) -> None:
     # The guard once moved one VM of a swap alone (its partner was cooling down) and the other
-    # followed 50 s later; test_guard holds that case. Here a generated mix with a dozen swap
-    # moves in 100 s: each is made whole, in one tick, through the real controller and guard.
+    # followed 50 s later; test_guard holds that case. Here a generated mix with swap moves in
+    # 100 s: each is made whole, in one tick, through the real controller and guard.
     mix = tmp_path / "mix.toml"
-    mix.write_text(generate(24, 3)[18].text)
+    mix.write_text(generate(24, 5)[10].text)
     r = run_scenario(mix, "cache-aware", duration=100, series=False)
     swaps = [m for m in r.moves if " swaps with " in m.reason]
     assert swaps  # the case is exercised
@@ -288,7 +288,8 @@ def test_no_swap_is_ever_half_made_in_a_closed_loop(tmp_path: Path) -> None:
         assert any(x.guest == other and x.tick == m.tick for x in r.moves), f"{m.guest} swapped alone"
     moved: dict[tuple[int, str], int] = {}
     for m in r.moves:
-        if m.kind != "initial":
+        # a "cohesion" move gathers one vCPU of a split VM to its siblings: a vCPU, by design
+        if m.kind not in ("initial", "cohesion"):
             moved[m.tick, m.guest] = moved.get((m.tick, m.guest), 0) + 1
     sizes = {v.name: v.vcpus for v in r.vms}
     assert moved and all(n == sizes[vm] for (_, vm), n in moved.items()), moved  # whole VMs only
