@@ -171,17 +171,21 @@ class Guard:
         accepted.sort(key=lambda m: (-m.predicted_gain, m.guest_id, m.vcpu))
         return GuardResult(tuple(accepted), tuple(refused))
 
+    # The two rules a policy is told of (below) and the checks in _refusal read the same predicates.
+    def _cooling(self, h: _History, at: float) -> bool:
+        return h.last_moved is not None and at - h.last_moved < self.settings.cooldown_s
+
+    def _returning(self, left_at: float, at: float) -> bool:
+        return at - left_at < self.settings.return_window_s
+
     def cooling(self, at: float) -> frozenset[VCpuKey]:
         """The vCPUs still in their cooldown at time ``at`` (``Snapshot.frozen``)."""
-        window = self.settings.cooldown_s
-        moved = ((key, h.last_moved) for key, h in self._history.items() if h.last_moved is not None)
-        return frozenset(key for key, t in moved if at - t < window)
+        return frozenset(key for key, h in self._history.items() if self._cooling(h, at))
 
     def barred(self, at: float) -> frozenset[tuple[VCpuKey, CpuSet]]:
         """The CPU sets each vCPU may still not go back to at time ``at`` (``Snapshot.barred``)."""
-        window = self.settings.return_window_s
         left = ((key, where, t) for key, h in self._history.items() for where, t in h.left.items())
-        return frozenset((key, where) for key, where, t in left if at - t < window)
+        return frozenset((key, where) for key, where, t in left if self._returning(t, at))
 
     def _first_placement(self, move: Move) -> bool:
         """A first placement of a vCPU the controller never moved: nothing to ping-pong."""
@@ -210,10 +214,11 @@ class Guard:
             return "this placement was rolled back recently"
         if move.predicted_gain < s.min_gain:
             return f"predicted gain {move.predicted_gain:.3g} below minimum {s.min_gain:.3g}"
-        if h.last_moved is not None and now - h.last_moved < s.cooldown_s and not gathers:
+        if self._cooling(h, now) and not gathers:
+            assert h.last_moved is not None
             return f"cooling down: moved {now - h.last_moved:.0f}s ago (cooldown {s.cooldown_s:.0f}s)"
         left_at = h.left.get(move.to_cpus)
-        if left_at is not None and now - left_at < s.return_window_s:
+        if left_at is not None and self._returning(left_at, now):
             return f"would move back to {move.to_cpus.to_list()} left {now - left_at:.0f}s ago"
         first_placement = self._first_placement(move)
         if not (one_shot or first_placement) and h.proposed_ticks < s.hold_ticks:

@@ -354,21 +354,27 @@ class _World:
         can_follow = self.follows[:, None] & self.dom_follows[None, :]
         self.rho = np.where(can_follow, self.rho_full * w, self.rho_full)
         self.bad: defaultdict[VCpuKey, list[CpuSet]] = defaultdict(list)
-        self._closed_memo: dict[VCpuKey, tuple[int, ...]] = {}  # per vCPU, then per VM (_closed_vm)
-        self._closed_vm_memo: dict[int, tuple[int, ...]] = {}
+        # domains closed to a vCPU: a rolled-back placement inside one domain, or a domain's whole
+        # usable set inside the guard's return window (it bars the exact set a vCPU left)
+        closed: defaultdict[VCpuKey, set[int]] = defaultdict(set)
         for key, cpus in snapshot.bad_placements:
             self.bad[key].append(cpus)
+            in_doms = {int(self.pu_dom[self.pos_of[c]]) for c in cpus if c in self.pos_of}
+            if len(in_doms) == 1:
+                closed[key] |= in_doms
         if gran in ("llc", "node") and snapshot.barred:
-            # the guard bars the exact set left: a domain is closed when a move there targets it
             pus = np.asarray(topo.pus)
-            whole_dom = {CpuSet(pus[pos[self.usable_mask[pos]]].tolist()) for pos in self.dom_pos}
+            dom_of = {
+                CpuSet(pus[pos[self.usable_mask[pos]]].tolist()): d for d, pos in enumerate(self.dom_pos)
+            }
             for key, cpus in snapshot.barred:
-                if cpus in whole_dom:
-                    self.bad[key].append(cpus)
+                if cpus in dom_of:
+                    closed[key].add(dom_of[cpus])
+        self.closed: dict[VCpuKey, tuple[int, ...]] = {k: tuple(sorted(v)) for k, v in closed.items()}
+        self._closed_vm_memo: dict[int, tuple[int, ...]] = {}
         self.rows: list[_VCpuRow] = []
         self._aff_cache: dict[CpuSet, tuple[int, FloatArray | None]] = {}
         self._build_rows()
-        self._freeze(snapshot.frozen)
         # the rows' fixed figures as arrays, for the vectorised paths to index by row
         n_rows = len(self.rows)
         self.row_m = np.fromiter((r.m for r in self.rows), dtype=np.float64, count=n_rows)
@@ -379,6 +385,7 @@ class _World:
         self.rows_of: list[list[_VCpuRow]] = [[] for _ in range(self.G)]
         for r in self.rows:
             self.rows_of[r.gi].append(r)
+        self._freeze(snapshot.frozen)
         self.active: set[int] = set()
         self.home: dict[int, int] = {}  # partly placed VM -> the domain its placed vCPUs are in
         self.placing: set[int] = set()  # VMs placed in this decision (not rebalanced too)
@@ -562,11 +569,12 @@ class _World:
         whose cores are reserved for it only while its rows are movable."""
         if not frozen:
             return
-        by_vm: defaultdict[int, list[_VCpuRow]] = defaultdict(list)
-        for r in self.rows:
-            by_vm[r.gi].append(r)
-        for rows in by_vm.values():
-            if rows[0].whole or not any(r.movable and (r.guest.id, r.vcpu.index) in frozen for r in rows):
+        for rows in self.rows_of:
+            if (
+                not rows
+                or rows[0].whole
+                or not any(r.movable and (r.guest.id, r.vcpu.index) in frozen for r in rows)
+            ):
                 continue
             doms = {r.aff_dom for r in rows}
             if len(doms) == 1 and min(doms) >= 0:
@@ -1006,7 +1014,7 @@ class _World:
         left within the guard's return window); with ``whole`` each row stands for its VM, moved
         whole, and a domain closed to any of its vCPUs is closed to it. ``costs`` itself when no
         domain is closed to any row (callers never write to it)."""
-        closed = [self._closed_vm(r.gi) if whole else self._closed(r) for r in rows] if self.bad else []
+        closed = [self._closed_vm(r.gi) if whole else self._closed(r) for r in rows] if self.closed else []
         if not self.holders and not any(closed) and self._all_open():
             return costs  # nothing to mask (the hot case: every cold placement asks)
         out = np.where(self.capacity()[None, :] > 0, costs, INF)
@@ -1020,17 +1028,7 @@ class _World:
         return out
 
     def _closed(self, r: _VCpuRow) -> tuple[int, ...]:
-        """The domains a vCPU's rolled-back or return-window placements name (one domain each)."""
-        key = (r.guest.id, r.vcpu.index)
-        out = self._closed_memo.get(key)
-        if out is None:
-            doms = set()
-            for cpus in self.bad.get(key, ()):
-                in_doms = {int(self.pu_dom[self.pos_of[c]]) for c in cpus if c in self.pos_of}
-                if len(in_doms) == 1:
-                    doms |= in_doms
-            out = self._closed_memo[key] = tuple(sorted(doms))
-        return out
+        return self.closed.get((r.guest.id, r.vcpu.index), ())
 
     def _closed_vm(self, gi: int) -> tuple[int, ...]:
         out = self._closed_vm_memo.get(gi)
