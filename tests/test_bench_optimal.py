@@ -9,7 +9,7 @@ import pytest
 
 from adaptive_pin.bench import optimal, runner, targets
 from adaptive_pin.cli import main
-from adaptive_pin.sim.scenario import loads_scenario
+from adaptive_pin.sim.scenario import load_scenario, loads_scenario, resolve_scenario_path
 
 # 1 package, 2 LLC domains of 2 single-thread cores: 4 PUs.
 TINY_HOST = """
@@ -95,10 +95,62 @@ def test_search_falls_back_to_whole_vms_only_when_the_full_space_is_over_budget(
     fallback = optimal.search(case, 8)
     assert isinstance(fallback, optimal.BestPlacement)
     assert (fallback.method, fallback.exact) == (optimal.WHOLE_VM_METHOD, False)
-    none = optimal.search(case, 3)
+    none = optimal.search(case, 3, local=False)
     assert isinstance(none, optimal.NotSearched)
     assert (none.candidates, none.whole_vm_candidates) == (9, 4)
     assert "9 candidates, 4 with whole VMs only" in none.reason
+
+
+def test_search_climbs_where_both_exhaustive_counts_are_over_budget() -> None:
+    case = tiny_case(TWO_VMS)  # 9 candidates, 4 with whole VMs
+    found = optimal.search(case, 3)
+    assert isinstance(found, optimal.BestPlacement)
+    assert (found.method, found.exact, found.full_candidates) == (optimal.LOCAL_METHOD, False, 9)
+    assert found.candidates <= 3 and is_whole(dict(found.assignment))
+
+
+def test_local_search_reaches_the_whole_vm_best_on_the_shipped_mixes() -> None:
+    # Where the whole-VM space is small enough to enumerate, the climb from its two starts ends
+    # on the same best (demo: 27 whole-VM candidates, snc: 108), scoring fewer of them.
+    for name in ("demo", "snc"):
+        sc = load_scenario(resolve_scenario_path(name))
+        case = optimal.static_case(sc, sc.duration)
+        local, whole = optimal.search_local(case, 4000), optimal.search_whole_vms(case)
+        assert local is not None and local.local_optimum is True
+        assert local.best_ws == pytest.approx(whole.best_ws, rel=1e-9)
+        assert local.candidates < whole.candidates
+        assert is_whole(dict(local.assignment))
+
+
+def test_local_search_stops_on_its_budget_and_says_so() -> None:
+    sc = load_scenario(resolve_scenario_path("noisy-neighbours"))
+    case = optimal.static_case(sc, sc.duration)
+    cut = optimal.search_local(case, 40)
+    assert cut is not None
+    assert (cut.candidates, cut.local_optimum) == (40, False)
+    assert optimal.search_local(case, 0) is None  # nothing scored, nothing to report
+
+
+def test_local_search_never_scores_a_placement_twice() -> None:
+    # Placements that differ only in which of two interchangeable VMs is where are one.
+    twins = TWO_VMS.replace('name = "sort"', 'name = "sort-b"').replace('name = "triad"', 'name = "triad-b"')
+    case = tiny_case(TWO_VMS + twins)
+    seen: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+    real = optimal.steady
+
+    def counting(c: optimal.StaticCase, affinity: Any) -> tuple[float, float | None]:
+        doms = {vm: str(affinity[(vm, 0)]) for vm in ("sort", "sort-b", "triad", "triad-b")}
+        seen.append(
+            (tuple(sorted((doms["sort"], doms["sort-b"]))), tuple(sorted((doms["triad"], doms["triad-b"]))))
+        )
+        return real(c, affinity)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(optimal, "steady", counting)
+        found = optimal.search_local(case, 1000)
+    assert found is not None and found.local_optimum is True
+    assert found.candidates == len(seen) == len(set(seen))
+    assert len(seen) <= optimal.whole_vm_candidate_count(case) == 9
 
 
 def test_report_json_and_targets_name_the_whole_vm_method(
@@ -117,7 +169,11 @@ def test_report_json_and_targets_name_the_whole_vm_method(
         27,
         216,
     )
-    assert set(doc["definitions"]["best_placement_methods"]) == {optimal.METHOD, optimal.WHOLE_VM_METHOD}
+    assert set(doc["definitions"]["best_placement_methods"]) == {
+        optimal.METHOD,
+        optimal.WHOLE_VM_METHOD,
+        optimal.LOCAL_METHOD,
+    }
     share = next(t for t in doc["targets"] if t["name"] == "share of the best placement")
     assert share["scope"] == "best known by demo: exhaustive, whole VMs (a lower bound of the best)"
     measured = next(r["best_share"] for r in sc["rows"] if r["policy"] == "cache-aware")
@@ -155,16 +211,16 @@ def test_full_search_is_kept_where_it_fits(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_huge_candidate_counts_are_shown_as_a_power_of_ten() -> None:
-    from adaptive_pin.bench.optimal import _count
+    from adaptive_pin.bench.optimal import count_text
 
-    assert _count(4_900) == "4,900"
-    assert _count(999_999_999_999) == "999,999,999,999"
-    assert _count(3 * 10**40) == "about 10^40"
+    assert count_text(4_900) == "4,900"
+    assert count_text(999_999_999_999) == "999,999,999,999"
+    assert count_text(3 * 10**40) == "about 10^40"
 
 
 @pytest.mark.parametrize(
     ("budget", "method"),
-    [("216", optimal.METHOD), ("215", optimal.WHOLE_VM_METHOD), ("26", None)],
+    [("216", optimal.METHOD), ("215", optimal.WHOLE_VM_METHOD), ("26", optimal.LOCAL_METHOD)],
 )
 def test_search_budget_chooses_the_search(
     capsys: pytest.CaptureFixture[str], budget: str, method: str | None
@@ -176,3 +232,17 @@ def test_search_budget_chooses_the_search(
     (sc,) = doc["scenarios"]
     assert sc["best"]["method"] == method
     assert doc["definitions"]["best_placement_budget"] == int(budget)
+    assert sc["best"]["candidates"] <= int(budget)
+
+
+def test_report_says_where_the_local_search_stopped() -> None:
+    from adaptive_pin.bench.report import _best_text
+
+    sc = load_scenario(resolve_scenario_path("demo"))
+    case = optimal.static_case(sc, sc.duration)
+    done, cut = optimal.search_local(case, 4000), optimal.search_local(case, 5)
+    assert done is not None and cut is not None
+    text = _best_text(done)
+    assert f"local search, whole VMs over {done.candidates} candidates, stopped at a local optimum" in text
+    assert "(the full 216 are over the budget)" in text and "a lower bound of the true best" in text
+    assert "stopped at the budget, before a local optimum" in _best_text(cut)

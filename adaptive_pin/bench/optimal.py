@@ -24,6 +24,14 @@ placements (every vCPU of a VM in one domain), a multiset of domains per class:
 Those are a subset of the full space, so its best is a **lower bound** of the true best (which
 may split a VM over domains); a share against it can exceed 1.0. ``BestPlacement.exact`` says
 which: True only for the full search.
+
+Where both are over the budget, a *local search* over whole-VM placements runs instead, within
+the same budget of scored candidates: from two starts (each VM whole into the roomiest domain,
+largest VMs first; and first fit in domain order, as a static L3-aligned pinning does), steepest
+ascent over two neighbourhoods, one VM whole into another domain and two VMs of different
+domains exchanging them, until no neighbour scores higher or the budget is spent
+(``BestPlacement.local_optimum`` says which). Its best is a placement that exists, so it too is
+a lower bound of the true best, and no claim that it is the best whole-VM one.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ WARMUP_TICKS = 2
 MEASURE_TICKS = 3
 METHOD = "exhaustive"  # every LLC-domain placement: the true best at that granularity
 WHOLE_VM_METHOD = "exhaustive, whole VMs"  # whole-VM placements only: a lower bound of the best
+LOCAL_METHOD = "local search, whole VMs"  # hill-climbing over whole-VM placements: a lower bound
 NEAR_BEST_SHARE = 0.97  # "near the best" for the MPKI floor: the bench's best-share goal
 
 
@@ -76,6 +85,9 @@ class BestPlacement:
     # without giving up weighted speedup (aggregate MPKI also falls when the threads missing most
     # are slowed: fewer of their instructions in the sum)
     lowest_mpki_near_best: float | None = None
+    # LOCAL_METHOD only: True when the search stopped at a local optimum (no neighbour scores
+    # higher), False when the budget ran out first
+    local_optimum: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -206,41 +218,163 @@ def affinity_of(case: StaticCase, assignment: Mapping[str, tuple[int, ...]]) -> 
     return out
 
 
+class _Tally:
+    """Every candidate scored so far, (WS, MPKI) each, and the best of them."""
+
+    def __init__(self, case: StaticCase) -> None:
+        self.case = case
+        self.t0 = time.perf_counter()
+        self.scored: list[tuple[float, float]] = []
+        self.best: tuple[float, float | None, dict[str, tuple[int, ...]]] | None = None
+
+    def score(self, assignment: dict[str, tuple[int, ...]]) -> float:
+        ws, mpki = steady(self.case, affinity_of(self.case, assignment))
+        self.scored.append((ws, math.nan if mpki is None else mpki))
+        if self.best is None or ws > self.best[0] + 1e-12:
+            self.best = (ws, mpki, assignment)
+        return ws
+
+    def result(self, method: str, n: int, n_full: int, local_optimum: bool | None = None) -> BestPlacement:
+        best = self.best
+        assert best is not None  # at least one movable VM: at least one candidate
+        ws_all, mpki_all = np.array(self.scored).T
+        known = ~np.isnan(mpki_all)
+        lowest = lowest_ws = lowest_near = None
+        if known.any():
+            i = int(np.nanargmin(mpki_all))
+            lowest, lowest_ws = float(mpki_all[i]), float(ws_all[i])
+            near = known & (ws_all >= NEAR_BEST_SHARE * best[0])
+            lowest_near = float(mpki_all[near].min()) if near.any() else None
+        return BestPlacement(
+            method=method,
+            exact=method == METHOD,
+            candidates=n,
+            best_ws=best[0],
+            worst_ws=float(ws_all.min()),
+            domains=tuple(d.to_list() for d in self.case.domains),
+            assignment=best[2],
+            wall_s=time.perf_counter() - self.t0,
+            full_candidates=n_full,
+            best_mpki=best[1],
+            lowest_mpki=lowest,
+            lowest_mpki_ws=lowest_ws,
+            lowest_mpki_near_best=lowest_near,
+            local_optimum=local_optimum,
+        )
+
+
 def _best_of(
     case: StaticCase, method: str, assignments: Iterator[dict[str, tuple[int, ...]]], n: int, n_full: int
 ) -> BestPlacement:
-    t0 = time.perf_counter()
-    best: tuple[float, float | None, dict[str, tuple[int, ...]]] | None = None
-    scored: list[tuple[float, float]] = []  # (WS, MPKI) of every candidate, for the MPKI floors
+    tally = _Tally(case)
     for assignment in assignments:
-        ws, mpki = steady(case, affinity_of(case, assignment))
-        scored.append((ws, math.nan if mpki is None else mpki))
-        if best is None or ws > best[0] + 1e-12:
-            best = (ws, mpki, assignment)
-    assert best is not None  # at least one movable VM: at least one candidate
-    ws_all, mpki_all = np.array(scored).T
-    known = ~np.isnan(mpki_all)
-    lowest = lowest_ws = lowest_near = None
-    if known.any():
-        i = int(np.nanargmin(mpki_all))
-        lowest, lowest_ws = float(mpki_all[i]), float(ws_all[i])
-        near = known & (ws_all >= NEAR_BEST_SHARE * best[0])
-        lowest_near = float(mpki_all[near].min()) if near.any() else None
-    return BestPlacement(
-        method=method,
-        exact=method == METHOD,
-        candidates=n,
-        best_ws=best[0],
-        worst_ws=float(ws_all.min()),
-        domains=tuple(d.to_list() for d in case.domains),
-        assignment=best[2],
-        wall_s=time.perf_counter() - t0,
-        full_candidates=n_full,
-        best_mpki=best[1],
-        lowest_mpki=lowest,
-        lowest_mpki_ws=lowest_ws,
-        lowest_mpki_near_best=lowest_near,
-    )
+        tally.score(assignment)
+    return tally.result(method, n, n_full)
+
+
+Whole = dict[str, int]  # a whole-VM placement: VM name -> its domain
+
+
+class _Climb:
+    """Steepest ascent over whole-VM placements for ``search_local``, within a budget of scored
+    candidates. Placements that differ only in which of two interchangeable VMs is where are
+    one (the exhaustive searches' symmetry reduction), scored once."""
+
+    def __init__(self, case: StaticCase, budget: int) -> None:
+        self.case = case
+        self.budget = budget
+        self.tally = _Tally(case)
+        self.vms = list(case.movable)
+        self.cls_of = {vm.name: ci for ci, cls in enumerate(_classes(case)) for vm in cls}
+        self.n_cls = len(_classes(case))
+        self.memo: dict[tuple[tuple[int, ...], ...], float] = {}
+
+    def _key(self, where: Whole) -> tuple[tuple[int, ...], ...]:
+        per: list[list[int]] = [[] for _ in range(self.n_cls)]
+        for vm in self.vms:
+            per[self.cls_of[vm.name]].append(where[vm.name])
+        return tuple(tuple(sorted(doms)) for doms in per)
+
+    def seen(self, where: Whole) -> bool:
+        return self._key(where) in self.memo
+
+    def ws(self, where: Whole) -> float | None:
+        """The placement's steady WS, None when scoring it would overrun the budget."""
+        key = self._key(where)
+        cached = self.memo.get(key)
+        if cached is not None:
+            return cached
+        if len(self.tally.scored) >= self.budget:
+            return None
+        d = len(self.case.domains)
+        counts = {vm.name: tuple(vm.vcpus if k == where[vm.name] else 0 for k in range(d)) for vm in self.vms}
+        ws = self.memo[key] = self.tally.score(counts)
+        return ws
+
+    def neighbours(self, where: Whole) -> Iterator[Whole]:
+        d = len(self.case.domains)
+        for vm in self.vms:  # one VM whole into another domain
+            for k in range(d):
+                if k != where[vm.name]:
+                    yield {**where, vm.name: k}
+        for a, b in itertools.combinations(self.vms, 2):  # two VMs exchange domains
+            da, db = where[a.name], where[b.name]
+            if da != db and self.cls_of[a.name] != self.cls_of[b.name]:
+                yield {**where, a.name: db, b.name: da}
+
+    def climb(self, start: Whole) -> bool:
+        """Hill-climb from ``start``; True when it ends at a local optimum, False on the budget."""
+        here = self.ws(start)
+        if here is None:
+            return False
+        where = start
+        while True:
+            best: tuple[float, Whole] | None = None
+            for nb in self.neighbours(where):
+                ws = self.ws(nb)
+                if ws is None:
+                    return False
+                if ws > (best[0] if best else here) + 1e-12:
+                    best = (ws, nb)
+            if best is None:
+                return True
+            here, where = best
+
+
+def _starts(case: StaticCase) -> list[Whole]:
+    """Two whole-VM placements to climb from: the largest VMs first, each into the domain with
+    the most PUs left; and first fit in domain order, each VM in scenario order (a static
+    L3-aligned pinning). A VM that fits nowhere goes to the roomiest domain."""
+    size = [len(dom) for dom in case.domains]
+
+    def roomiest(left: list[int]) -> int:
+        return max(range(len(left)), key=lambda k: (left[k], -k))
+
+    spread: Whole = {}
+    left = list(size)
+    for vm in sorted(case.movable, key=lambda v: -v.vcpus):
+        k = roomiest(left)
+        spread[vm.name] = k
+        left[k] -= vm.vcpus
+    packed: Whole = {}
+    left = list(size)
+    for vm in case.movable:
+        k = next((k for k in range(len(left)) if left[k] >= vm.vcpus), roomiest(left))
+        packed[vm.name] = k
+        left[k] -= vm.vcpus
+    return [spread, packed]
+
+
+def search_local(case: StaticCase, budget: int) -> BestPlacement | None:
+    """The best whole-VM placement a local search finds within ``budget`` scored candidates
+    (None with no budget to score one): a lower bound of the best, like the whole-VM search's,
+    and not necessarily as high as it."""
+    climb = _Climb(case, budget)
+    # a start already met on the first climb is not climbed again; the budget stops them all
+    optimum = all(climb.seen(start) or climb.climb(start) for start in _starts(case))
+    if climb.tally.best is None:
+        return None
+    return climb.tally.result(LOCAL_METHOD, len(climb.tally.scored), candidate_count(case), optimum)
 
 
 def search_full(case: StaticCase) -> BestPlacement:
@@ -260,11 +394,11 @@ def search_whole_vms(case: StaticCase) -> BestPlacement:
     )
 
 
-def search(case: StaticCase, budget: int) -> BestPlacement | NotSearched:
+def search(case: StaticCase, budget: int, local: bool = True) -> BestPlacement | NotSearched:
     """The best placement by steady-state weighted speedup, or why no search was run.
 
     The full search where its count is within ``budget``; else the whole-VM search where that
-    count is; else nothing.
+    count is; else, with ``local``, the local search within ``budget``; else nothing.
     """
     if len(case.domains) < 2:
         return NotSearched("one LLC domain: nothing to choose at LLC granularity")
@@ -276,14 +410,17 @@ def search(case: StaticCase, budget: int) -> BestPlacement | NotSearched:
     n_whole = whole_vm_candidate_count(case)
     if n_whole <= budget:
         return search_whole_vms(case)
+    found = search_local(case, budget) if local else None
+    if found is not None:
+        return found
     return NotSearched(
-        f"{_count(n)} candidates, {_count(n_whole)} with whole VMs only: both more than the search "
+        f"{count_text(n)} candidates, {count_text(n_whole)} with whole VMs only: both more than the search "
         f"budget of {budget:,}",
         n,
         n_whole,
     )
 
 
-def _count(n: int) -> str:
+def count_text(n: int) -> str:
     """A candidate count for people: digits up to a trillion, then a power of ten."""
     return f"{n:,}" if n < 10**12 else f"about 10^{len(str(n)) - 1}"

@@ -11,7 +11,7 @@ from adaptive_pin.bench.decision_time import DecisionTime
 from adaptive_pin.bench.runner import MIXED_SCENARIOS, BenchOptions, PolicyRow, ScenarioBench
 from adaptive_pin.bench.targets import MixSummary, RatioSpread, TargetResult, random_summary
 
-JSON_VERSION = 2  # 2: best placements carry exact / full_candidates; two search methods
+JSON_VERSION = 3  # 2: best placements carry exact / full_candidates; 3: the local search, local_optimum
 COLUMNS = (
     ("policy", 12),
     ("WS", 8),
@@ -58,6 +58,16 @@ def _best_text(best: optimal.BestPlacement | optimal.NotSearched) -> str:
     if best.exact:
         head = f"best placement: {best.method} search over {best.candidates:,} candidates"
         note = ""
+    elif best.local_optimum is not None:
+        stop = "a local optimum" if best.local_optimum else "the budget, before a local optimum"
+        head = (
+            f"best placement: {best.method} over {best.candidates:,} candidates, stopped at {stop} "
+            f"(the full {optimal.count_text(best.full_candidates)} are over the budget)"
+        )
+        note = (
+            "\n  a lower bound of the true best (a placement it did not score may be better): "
+            "a best share above 1.0 can be right"
+        )
     else:
         head = (
             f"best placement: {best.method} search over {best.candidates:,} candidates "
@@ -208,6 +218,9 @@ def to_json(
                 optimal.METHOD: "every LLC-domain placement: the true best (exact)",
                 optimal.WHOLE_VM_METHOD: "whole-VM placements only, where the full count is over the budget: "
                 "a lower bound of the true best (not exact), so a share against it can exceed 1.0",
+                optimal.LOCAL_METHOD: "hill-climbing over whole-VM placements within the budget, where both "
+                "exhaustive counts are over it: a lower bound of the true best (not exact); local_optimum "
+                "says whether it stopped at a local optimum (true) or on the budget (false)",
             },
             "best_placement_budget": options.search_budget,
             "steady_state_ticks": {"warmup": optimal.WARMUP_TICKS, "measure": optimal.MEASURE_TICKS},

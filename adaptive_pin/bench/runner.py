@@ -205,7 +205,9 @@ def bench_scenario(
     topology = load_host_topology(sc.host)
     case = optimal.static_case(sc, duration, topology)
     progress(f"{sc.name}: best placement")
-    best = optimal.search(case, options.search_budget)
+    # Generated mixes (source given) skip the local search: they have no targets, and its
+    # seconds per mix would add up to most of a --random run.
+    best = optimal.search(case, options.search_budget, local=source is None)
     scored = isinstance(best, optimal.BestPlacement)
     by_policy: dict[str, list[RunFigures]] = {}
     for policy in policies:

@@ -4,25 +4,25 @@ Every target is judged on its worst case: the smallest gain, the largest MPKI ra
 slowest settling over the scenarios it applies to, so one PASS means every scenario passed.
 
 "Share of the best placement" is judged against whichever best a scenario has: the full search's
-(the true best) or, where that is over the budget, the whole-VM search's, a lower bound of the
-true best; the scope line names the method per scenario. Against a lower bound a share below the
-goal is a sure miss, and one at or above it says the policy is within 3% of (or beyond) the best
-whole-VM placement.
+(the true best) or, where that is over the budget, the whole-VM search's or else the local
+search's, each a lower bound of the true best; the scope line names the method per scenario.
+Against a lower bound a share below the goal is a sure miss, and one at or above it says the
+policy is within 3% of (or beyond) the best placement that search found.
 
 The two weighted-speedup targets also carry a *ceiling*: what the best placement itself reaches
 against the same baselines, both scored in the static case (steady state, the best placement's
 steady WS over the steady WS of the baseline's final placement). An exhaustive ceiling below the
 goal means no placement at the search's granularity (LLC domains) meets the goal there, so a MISS
-on that scenario is the scenario's, not the policy's; a whole-VM ceiling is a lower bound of the
-true one and proves nothing unreachable. The ceiling is steady state while the target is over the
-whole run, arrivals included, so it is a guide, not a bound the run cannot exceed.
+on that scenario is the scenario's, not the policy's; a whole-VM or local-search ceiling is a
+lower bound of the true one and proves nothing unreachable. The ceiling is steady state while the
+target is over the whole run, arrivals included, so it is a guide, not a bound the run cannot exceed.
 
 The MPKI target gets two figures, both against none's final placement and scored the same way:
 the best placement's own MPKI (the search maximises weighted speedup, not MPKI: where the
 placement with the best WS misses the MPKI goal, the two goals pull apart on that scenario) and
 the *floor*, the lowest MPKI of any candidate the search scored. An exhaustive floor above the
-goal means no LLC-domain placement meets it there; a whole-VM floor is an upper bound of the
-true one (a split VM might miss less) and proves nothing unreachable.
+goal means no LLC-domain placement meets it there; a whole-VM or local-search floor is an upper
+bound of the true one (a placement not scored might miss less) and proves nothing unreachable.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Ceiling:
 
     scenario: str
     value: float
-    exact: bool  # from the exhaustive search; else whole VMs only (WS: a lower bound, MPKI floor: upper)
+    exact: bool  # from the exhaustive search; else a lower bound of the WS, an upper one of the MPKI floor
     ws_share: float | None = None  # MPKI floor: that placement's steady WS over the best placement's
 
 
@@ -167,7 +167,7 @@ def _with_mpki(
             share = f"{1 - optimal.NEAR_BEST_SHARE:.0%}"
             line += f"; of those within {share} of the best WS: {_mpki_text(near)}"
         if any(not c.exact for c in lowest):
-            line += " (<=: whole-VM search, an upper bound of the lowest)"
+            line += " (<=: a search over whole VMs, an upper bound of the lowest)"
         short = tuple(c.scenario for c in lowest if c.exact and c.value > bound)
         if short:
             line += f"; above the goal on {', '.join(short)}: no LLC-domain placement reaches it there"
@@ -182,7 +182,7 @@ def _with_ceiling(result: TargetResult, found: Sequence[Ceiling], bound: float) 
     short = tuple(c.scenario for c in found if c.exact and c.value < bound)
     line = f"the best placement itself (steady state): {text}"
     if any(not c.exact for c in found):
-        line += " (>=: whole-VM search, a lower bound)"
+        line += " (>=: a search over whole VMs, a lower bound)"
     if short:
         line += f"; below the goal on {', '.join(short)}: no LLC-domain placement reaches it there"
     return dataclasses.replace(result, ceiling=line, unreachable=short)
@@ -224,7 +224,7 @@ def _best_scope(benches: Sequence[ScenarioBench]) -> str:
     if not by_method:
         return "where the best is known"
     parts = []
-    for method in (optimal.METHOD, optimal.WHOLE_VM_METHOD):
+    for method in (optimal.METHOD, optimal.WHOLE_VM_METHOD, optimal.LOCAL_METHOD):
         if method in by_method:
             bound = "" if method == optimal.METHOD else " (a lower bound of the best)"
             parts.append(f"{', '.join(by_method[method])}: {method}{bound}")

@@ -23,7 +23,8 @@ scheduler alone) measured in this same run:
   settle max    control ticks from a VM's arrival to the last move it caused
   best share    steady weighted speedup of the final placement over the best placement:
                 exhaustive search where small enough, else exhaustive over whole-VM
-                placements (a lower bound of the best), else not searched
+                placements, else a local search over whole-VM placements (both a
+                lower bound of the best; generated mixes: not searched)
 Then the time one decision takes on a 512-PU host with 2,048 vCPUs, and every target judged
 PASS or MISS on its worst scenario. Definitions: docs/bench.md.
 """
