@@ -187,6 +187,9 @@ class SimHost:
         self.default_affinity = t.usable or t.online
         self._online = t.online  # Topology.online builds a CpuSet per call; pins check it
         self._masks: dict[CpuSet, BoolArray] = {}
+        self.n_core = int(t.pu_core.max()) + 1
+        self.smt_ways = int(np.bincount(t.pu_core).max())  # hardware threads per core, at most
+        self._core_masks: dict[CpuSet, FloatArray] = {}  # affinity -> 1.0 on the cores it reaches
         self.vms: dict[str, SimVM] = {}
         self._by_id: dict[str, SimVM] = {}
         # Threads per PU, kept between steps for pin() (None: recount); the scheduler's step
@@ -222,6 +225,9 @@ class SimHost:
             caps.append(float(constants.DEFAULT_LLC_BYTES_PER_CORE))
         self.pu_domain = dom
         self.capacity = np.asarray(caps, dtype=np.float64)
+        # 1.0 on the cores of each domain (a core whose PUs span two domains is in both)
+        self.domain_cores = np.zeros((len(caps), int(t.pu_core.max()) + 1))
+        self.domain_cores[dom, t.pu_core] = 1.0
 
     def _distances(self) -> None:
         """SLIT distance / 10 between every pair of NUMA nodes (index -1: no node -> local)."""
@@ -267,6 +273,49 @@ class SimHost:
             m = np.array([c in cpus for c in self.topology.pus], dtype=np.bool_)
             self._masks[cpus] = m
         return m
+
+    def core_mask(self, cpus: CpuSet) -> FloatArray:
+        """1.0 on every core with a PU in ``cpus``, else 0.0."""
+        m = self._core_masks.get(cpus)
+        if m is None:
+            reach = np.bincount(self.topology.pu_core[self.mask(cpus)], minlength=self.n_core) > 0
+            m = self._core_masks[cpus] = reach.astype(np.float64)
+        return m
+
+    def _free_smt(
+        self, threads: list[SimThread], pu: IntArray, got: FloatArray, on: BoolArray
+    ) -> tuple[BoolArray, FloatArray]:
+        """The SMT factor of the threads free to move between cores of their LLC (their
+        affinity reaches two or more of its cores).
+
+        A tick places each thread on one PU, but inside the tick threads sleep and wake, and a
+        waking thread takes an idle core of its LLC before an idle SMT sibling
+        (select_idle_sibling scans the LLC, select_idle_core first); newidle balancing pulls a
+        second thread off a busy core the same way. So the free threads of an LLC share cores
+        only while more of them run at once than it has cores left by the pinned ones: with N
+        running on C cores, spread evenly; threads whose cores overlap form one pool (two VMs
+        pinned to the two NUMA nodes of one SNC LLC are two). N is the sum of independent
+        Bernoulli(got) (exact, by convolution); a running thread sees its core's threads
+        averaged over N weighted by N. Threads pinned to a PU or a core keep their siblings'
+        busy share (``sibling``).
+        Returns (free, smt): which threads are free, and their SMT factor (1.0 elsewhere).
+        """
+        n = len(threads)
+        dom = self.pu_domain[pu]
+        reach = np.stack([self.core_mask(th.affinity) for th in threads]) * self.domain_cores[dom]
+        cores_reached = reach.sum(axis=1)
+        free = on & (cores_reached >= 2)
+        smt = np.ones(n)
+        if not free.any():
+            return free, smt
+        per_core = self.topology.pu_core
+        pinned_busy = np.bincount(per_core[pu[on & ~free]], weights=got[on & ~free], minlength=self.n_core)
+        for d in np.unique(dom[free]).tolist():
+            members = np.flatnonzero(free & (dom == d))
+            for pool, cores in _pools(members, reach[members] > 0):
+                room = float(cores.sum()) - float(pinned_busy[cores].sum())
+                smt[pool] = spread_smt(got[pool], max(room, 1.0), self.smt_ways)
+        return free, smt
 
     # --- scenario events ---------------------------------------------------------------
     def _apply_agenda(self) -> None:
@@ -523,12 +572,19 @@ class SimHost:
         on = pu >= 0
         pu0 = np.maximum(pu, 0)
         got = np.where(on, got, 0.0)
-        # SMT: expected number of busy hardware threads on the core, this one included.
+        # SMT (docs/simulator.md, step 6): a pinned thread shares its core whenever a sibling
+        # runs, a free one only while its LLC has no idle core for it.
         t = self.topology
         busy_pu = np.bincount(pu[on], weights=got[on], minlength=self.n_pu)
-        busy_core = np.bincount(t.pu_core, weights=busy_pu, minlength=int(t.pu_core.max()) + 1)
-        k = 1.0 + np.clip(busy_core[t.pu_core[pu0]] - busy_pu[pu0], 0.0, None)
-        smt = k / (1.0 + constants.SMT_GAIN * (k - 1.0))
+        busy_core = np.bincount(t.pu_core, weights=busy_pu, minlength=self.n_core)
+        sibling = np.clip(busy_core[t.pu_core[pu0]] - busy_pu[pu0], 0.0, None)
+        # pinned: speed averaged between the whole numbers of busy threads around 1 + sibling
+        # (a sibling busy half the time: half the time alone, half the time paired)
+        free, smt_free = self._free_smt(threads, pu0, got, on)
+        k = 1.0 + sibling
+        lo = np.floor(k)
+        pinned_speed = (lo + 1.0 - k) * smt_speed(lo) + (k - lo) * smt_speed(lo + 1.0)
+        smt = np.where(free, smt_free, 1.0 / pinned_speed)
 
         domain = self.pu_domain[pu0]
         nidx = self.pu_nidx[pu0]
@@ -629,3 +685,52 @@ def _zero() -> dict[str, float]:
     return dict.fromkeys(
         (INSTRUCTIONS, CYCLES, LLC_MISSES, LLC_REFERENCES, CPU_TIME, RUN_DELAY, CPU_MIGRATIONS), 0.0
     )
+
+
+def smt_speed(c: FloatArray) -> FloatArray:
+    """1 / smt of a thread on a core running c threads at once (c >= 1; below 1 as 1): c of
+    them do 1 + SMT_GAIN (c - 1) threads' work."""
+    c = np.maximum(c, 1.0)
+    out: FloatArray = (1.0 + constants.SMT_GAIN * (c - 1.0)) / c
+    return out
+
+
+def spread_smt(run: FloatArray, cores: float, ways: int) -> float:
+    """The SMT factor (``smt_i``) of threads running independently, each a ``run`` share of
+    the time, spread evenly over ``cores`` cores of ``ways`` hardware threads.
+
+    Averaged as speed (1 / smt) over the running threads and over N, the number running at
+    once (a running thread sees N weighted by N): a pool of full-time threads then does the
+    same work as when they stand still, pairs on some cores and threads alone on others.
+    """
+    dist = np.zeros(len(run) + 1)  # P(N = j running at once)
+    dist[0] = 1.0
+    for j, g in enumerate(run.tolist()):
+        dist[1 : j + 2] = dist[1 : j + 2] * (1.0 - g) + dist[: j + 1] * g
+        dist[0] *= 1.0 - g
+    n = np.arange(len(dist), dtype=np.float64)
+    busy = np.minimum(n, cores * ways)  # beyond every PU they time-share (in ``run`` already)
+    whole = np.floor(busy / cores)
+    extra = busy - whole * cores  # cores holding one thread more than the others
+
+    work = extra * (whole + 1.0) * smt_speed(whole + 1.0) + (cores - extra) * whole * smt_speed(whole)
+    mean = np.divide(work, busy, out=np.ones_like(busy), where=busy > 0)
+    weight = dist * n
+    total = weight.sum()
+    return float(total / (weight * mean).sum()) if total > 0 else 1.0
+
+
+def _pools(members: IntArray, reach: BoolArray) -> list[tuple[IntArray, BoolArray]]:
+    """Threads (``members``, each with the cores it may run on) grouped into pools of
+    overlapping cores: (the pool's threads, the union of their cores)."""
+    masks, inverse = np.unique(reach, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    groups: list[tuple[list[int], BoolArray]] = []
+    for i, mask in enumerate(masks):  # each mask joins every pool it overlaps into one
+        hit = [g for g in groups if (g[1] & mask).any()]
+        ids, cores = [i], mask.copy()
+        for g in hit:
+            ids += g[0]
+            cores |= g[1]
+        groups = [g for g in groups if not any(g is h for h in hit)] + [(ids, cores)]
+    return [(members[np.isin(inverse, ids)], cores) for ids, cores in groups]
