@@ -33,10 +33,11 @@ A move judged worse is rolled back by the controller and its placement remembere
 ``bad_placement_ttl_s``.
 
 The vCPUs of one VM moved in one tick were moved by one decision (a whole VM to another
-domain, a swap), so they get one verdict: rolled back together when at least as many of them
-were judged worse as better, else kept together. Judged one by one, a VM moved whole would
-come back split (some vCPUs back home, the others left behind), the placement cohesion costs
-most.
+domain), and so were those of the VMs of one swap (``Move.group``), so they get one verdict:
+rolled back together when at least as many of them were judged worse as better, else kept
+together. Judged one by one, a VM moved whole would come back split (some vCPUs back home, the
+others left behind), the placement cohesion costs most; and one VM of a swap would go back
+into the domain its partner now holds, an arrangement no decision chose.
 """
 
 from __future__ import annotations
@@ -195,11 +196,13 @@ class MoveJournal:
         return outcomes
 
     def _per_vm(self, outcomes: list[MoveOutcome], now: float) -> list[MoveOutcome]:
-        """One verdict for the moves of one VM applied in one tick (see the module doc)."""
-        groups: defaultdict[tuple[str, float], list[int]] = defaultdict(list)
+        """One verdict for the moves of one VM, or of one swap, applied in one tick (see the
+        module doc)."""
+        groups: defaultdict[tuple[str, str, float], list[int]] = defaultdict(list)
         for i, o in enumerate(outcomes):
             if o.mpki_after is not None:  # a vCPU that is gone has nothing to keep or roll back
-                groups[(o.move.guest_id, o.applied_at)].append(i)
+                by = ("group", o.move.group) if o.move.group else ("vm", o.move.guest_id)
+                groups[(*by, o.applied_at)].append(i)
         out = list(outcomes)
         for idx in groups.values():
             verdicts = [outcomes[i].verdict for i in idx]

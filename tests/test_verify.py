@@ -247,3 +247,47 @@ def test_a_vm_moved_whole_gets_one_verdict_never_a_split(topo: Topology) -> None
     # unchanged vCPUs count as kept: two worse beat one, one worse loses to two
     assert _vm_run(topo, (worse, same, worse)) == [Verdict.ROLLED_BACK] * 3
     assert _vm_run(topo, (worse, same, same)) == [Verdict.KEPT] * 3
+
+
+def _swap_run(topo: Topology, afters: tuple[list[float], list[float], list[float]]) -> list[Verdict]:
+    """A swap: VM g1 (vCPUs 0, 1) and VM g2 (one vCPU) exchange domains in one tick, one group;
+    each vCPU's MPKI is 10 before, ``afters[i]`` after (g1/0, g1/1, g2/0)."""
+    guests = tuple(
+        Guest(
+            gid,
+            gid,
+            n,
+            tuple(VCpu(i, 10 * n + i, CpuSet.of(n)) for i in range(size)),
+            Pinnability(True, PinSource.DEFAULT),
+            "t",
+        )
+        for n, (gid, size) in enumerate((("g1", 2), ("g2", 1)), start=1)
+    )
+    group = "swap g1 g2"
+    moves = [Move("g1", "g1", i, CpuSet.of(1), CpuSet.of(2), "swap", 1.0, group=group) for i in range(2)]
+    moves.append(Move("g2", "g2", 0, CpuSet.of(2), CpuSet.of(1), "swap", 1.0, group=group))
+    j = MoveJournal(VerifySettings(window_ticks=2, settle_ticks=1, rollback_margin=0.1))
+    keys = [("g1", 0), ("g1", 1), ("g2", 0)]
+
+    def snap(t: float, mpki: list[float]) -> Snapshot:
+        return Snapshot(
+            time=t,
+            topology=topo,
+            guests=guests,
+            rates={k: VCpuRates(mpki=m) for k, m in zip(keys, mpki, strict=True)},
+        )
+
+    for t in range(2):
+        j.observe(snap(t, [10.0] * 3))
+    for m in moves:
+        j.record(m, 2)
+    out = [o for k in range(3) for o in j.observe(snap(2 + k, [a[k] for a in afters]))]
+    return [o.verdict for o in sorted(out, key=lambda o: (o.move.guest_id, o.move.vcpu))]
+
+
+def test_the_vms_of_a_swap_get_one_verdict(topo: Topology) -> None:
+    worse, better = [99.0, 20.0, 20.0], [99.0, 5.0, 5.0]
+    # g1 worse on both vCPUs, g2 better: both go back, not g1 alone into g2's new domain
+    assert _swap_run(topo, (worse, worse, better)) == [Verdict.ROLLED_BACK] * 3
+    # one of g1 worse, the rest better: the swap stays, all of it
+    assert _swap_run(topo, (worse, better, better)) == [Verdict.KEPT] * 3
