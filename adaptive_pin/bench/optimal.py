@@ -285,8 +285,9 @@ class _Climb:
         self.budget = budget
         self.tally = _Tally(case)
         self.vms = list(case.movable)
-        self.cls_of = {vm.name: ci for ci, cls in enumerate(_classes(case)) for vm in cls}
-        self.n_cls = len(_classes(case))
+        classes = _classes(case)
+        self.cls_of = {vm.name: ci for ci, cls in enumerate(classes) for vm in cls}
+        self.n_cls = len(classes)
         self.memo: dict[tuple[tuple[int, ...], ...], float] = {}
 
     def _key(self, where: Whole) -> tuple[tuple[int, ...], ...]:
