@@ -129,6 +129,10 @@ def test_local_search_stops_on_its_budget_and_says_so() -> None:
     assert cut is not None
     assert (cut.candidates, cut.local_optimum) == (40, False)
     assert optimal.search_local(case, 0) is None  # nothing scored, nothing to report
+    # through search(), a budget of 100 placements of a 16-vCPU scenario is 40 of its 40 vCPUs
+    scaled = optimal.search(case, 100)
+    assert isinstance(scaled, optimal.BestPlacement)
+    assert (scaled.method, scaled.candidates) == (optimal.LOCAL_METHOD, 40)
 
 
 def test_local_search_never_scores_a_placement_twice() -> None:
