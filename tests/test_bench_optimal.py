@@ -250,3 +250,14 @@ def test_report_says_where_the_local_search_stopped() -> None:
     assert f"local search, whole VMs over {done.candidates} candidates, stopped at a local optimum" in text
     assert "(the full 216 are over the budget)" in text and "a lower bound of the true best" in text
     assert "stopped at the budget, before a local optimum" in _best_text(cut)
+
+
+def test_generated_mixes_skip_the_local_search_named_scenarios_get_it() -> None:
+    # The same scenario, over both exhaustive budgets: as a --random mix (it has a source) it is
+    # not searched, as a scenario file it is climbed.
+    sc = load_scenario(resolve_scenario_path("demo"))  # 216 candidates, 27 with whole VMs
+    options = runner.BenchOptions(quick=True, seeds=1, budget=20)
+    mix = runner.bench_scenario(sc, ["none"], options, lambda _msg: None, source="(generated)")
+    named = runner.bench_scenario(sc, ["none"], options, lambda _msg: None)
+    assert isinstance(mix.best, optimal.NotSearched)
+    assert isinstance(named.best, optimal.BestPlacement) and named.best.method == optimal.LOCAL_METHOD
