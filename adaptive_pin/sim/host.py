@@ -182,13 +182,13 @@ class SimHost:
         self.now = 0.0
         self.tick = scenario.tick
         self.n_pu = len(t.pus)
+        self.n_core = int(t.pu_core.max()) + 1
+        self.smt_ways = int(np.bincount(t.pu_core).max())  # hardware threads per core, at most
         self._domains()
         self._distances()
         self.default_affinity = t.usable or t.online
         self._online = t.online  # Topology.online builds a CpuSet per call; pins check it
         self._masks: dict[CpuSet, BoolArray] = {}
-        self.n_core = int(t.pu_core.max()) + 1
-        self.smt_ways = int(np.bincount(t.pu_core).max())  # hardware threads per core, at most
         self._core_masks: dict[CpuSet, FloatArray] = {}  # affinity -> 1.0 on the cores it reaches
         self.vms: dict[str, SimVM] = {}
         self._by_id: dict[str, SimVM] = {}
@@ -226,7 +226,7 @@ class SimHost:
         self.pu_domain = dom
         self.capacity = np.asarray(caps, dtype=np.float64)
         # 1.0 on the cores of each domain (a core whose PUs span two domains is in both)
-        self.domain_cores = np.zeros((len(caps), int(t.pu_core.max()) + 1))
+        self.domain_cores = np.zeros((len(caps), self.n_core))
         self.domain_cores[dom, t.pu_core] = 1.0
 
     def _distances(self) -> None:
@@ -283,7 +283,7 @@ class SimHost:
         return m
 
     def _free_smt(
-        self, threads: list[SimThread], pu: IntArray, got: FloatArray, on: BoolArray
+        self, threads: list[SimThread], pu: IntArray, dom: IntArray, got: FloatArray, on: BoolArray
     ) -> tuple[BoolArray, FloatArray]:
         """The SMT factor of the threads free to move between cores of their LLC (their
         affinity reaches two or more of its cores).
@@ -298,10 +298,10 @@ class SimHost:
         Bernoulli(got) (exact, by convolution); a running thread sees its core's threads
         averaged over N weighted by N. Threads pinned to a PU or a core keep their siblings'
         busy share (``sibling``).
-        Returns (free, smt): which threads are free, and their SMT factor (1.0 elsewhere).
+        ``dom``: each thread's LLC domain (``pu_domain[pu]``). Returns (free, smt): which
+        threads are free, and their SMT factor (1.0 elsewhere).
         """
         n = len(threads)
-        dom = self.pu_domain[pu]
         reach = np.stack([self.core_mask(th.affinity) for th in threads]) * self.domain_cores[dom]
         cores_reached = reach.sum(axis=1)
         free = on & (cores_reached >= 2)
@@ -578,15 +578,15 @@ class SimHost:
         busy_pu = np.bincount(pu[on], weights=got[on], minlength=self.n_pu)
         busy_core = np.bincount(t.pu_core, weights=busy_pu, minlength=self.n_core)
         sibling = np.clip(busy_core[t.pu_core[pu0]] - busy_pu[pu0], 0.0, None)
+        domain = self.pu_domain[pu0]
+        free, smt_free = self._free_smt(threads, pu0, domain, got, on)
         # pinned: speed averaged between the whole numbers of busy threads around 1 + sibling
         # (a sibling busy half the time: half the time alone, half the time paired)
-        free, smt_free = self._free_smt(threads, pu0, got, on)
         k = 1.0 + sibling
         lo = np.floor(k)
         pinned_speed = (lo + 1.0 - k) * smt_speed(lo) + (k - lo) * smt_speed(lo + 1.0)
         smt = np.where(free, smt_free, 1.0 / pinned_speed)
 
-        domain = self.pu_domain[pu0]
         nidx = self.pu_nidx[pu0]
         lat_cycles = constants.DRAM_LATENCY_NS * self.freq_hz / 1e9
         mem_factor = np.ones(n)
