@@ -34,17 +34,21 @@ A move judged worse is rolled back by the controller and its placement remembere
 
 The vCPUs of one VM moved in one tick were moved by one decision (a whole VM to another
 domain), and so were those of the VMs of one swap (``Move.group``), so they get one verdict:
-rolled back together when at least as many of them were judged worse as better, else kept
-together. Judged one by one, a VM moved whole would come back split (some vCPUs back home, the
-others left behind), the placement cohesion costs most; and one VM of a swap would go back
-into the domain its partner now holds, an arrangement no decision chose.
+their windows pooled (MPKI weighted by each vCPU's instructions, IPC as all their
+instructions over all their cycles) and judged by the same rule as one vCPU. Judged one by one,
+a VM moved whole would come back split (some vCPUs back home, the others left behind), the
+placement cohesion costs most; and one VM of a swap would go back into the domain its partner
+now holds, an arrangement no decision chose. Pooled rather than counted: a swap trades one
+VM's misses for the other's, and the side that misses more per instruction may retire little
+(8 vCPUs at 60% load losing 1% IPC to a cache-hungry neighbour they now share with, against 2
+busy vCPUs gaining 22% away from it); a head count would undo the gain.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -90,6 +94,7 @@ class Reading:
     mpki: float
     apki: float | None = None  # LLC references per 1000 instructions (None: not counted)
     ipc: float | None = None
+    instructions: float | None = None  # in the interval (None: read from smoothed rates)
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ class Window:
     n: int
     settled: bool  # enough readings, MPKI and access intensity steady
     apki_steady: bool
+    instructions: float | None = None  # per reading, mean (None: not known for every reading)
 
     @classmethod
     def of(cls, readings: list[Reading], need: int) -> Window | None:
@@ -110,6 +116,7 @@ class Window:
         mpki = [r.mpki for r in readings]
         apki = [r.apki for r in readings if r.apki is not None]
         ipc = [r.ipc for r in readings if r.ipc is not None]
+        instr = [r.instructions for r in readings if r.instructions is not None]
         mean = float(np.mean(mpki))
         apki_mean = float(np.mean(apki)) if len(apki) == len(readings) else None
         apki_steady = apki_mean is None or _spread(apki, apki_mean) <= WORKLOAD_CHANGE
@@ -121,6 +128,25 @@ class Window:
             n=len(readings),
             settled=len(readings) >= need and mpki_steady and apki_steady,
             apki_steady=apki_steady,
+            instructions=float(np.mean(instr)) if len(instr) == len(readings) else None,
+        )
+
+    @classmethod
+    def pool(cls, windows: Sequence[Window]) -> Window:
+        """The windows of several vCPUs as one: MPKI weighted by instructions, IPC as all the
+        instructions over all the cycles (equal weights unless every window knows its count)."""
+        w = np.array([x.instructions for x in windows], dtype=float)
+        if not (len(w) and np.all(np.isfinite(w)) and w.sum() > 0):
+            w = np.ones(len(windows))
+        ipc = np.array([x.ipc for x in windows], dtype=float)
+        return cls(
+            mpki=float(np.average([x.mpki for x in windows], weights=w)),
+            apki=None,  # each vCPU's own was compared already: a workload change is UNMEASURED
+            ipc=float(w.sum() / (w / ipc).sum()) if np.all(np.isfinite(ipc) & (ipc > 0)) else None,
+            n=min(x.n for x in windows),
+            settled=all(x.settled for x in windows),
+            apki_steady=True,
+            instructions=float(w.sum()),
         )
 
 
@@ -139,6 +165,14 @@ class _Pending:
     before: Window | None
     ticks_after: int = 0
     after: list[Reading] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Judged:
+    pending: _Pending
+    after: Window | None
+    floated: bool
+    outcome: MoveOutcome
 
 
 class MoveJournal:
@@ -168,12 +202,12 @@ class MoveJournal:
             for v in g.vcpus:
                 live.add((g.id, v.index))
         readings = {key: self._reading(snapshot, key) for key in live}
-        outcomes: list[MoveOutcome] = []
+        judged: list[_Judged] = []
         for key in list(self._pending):
             p = self._pending[key]
             if key not in live:
                 del self._pending[key]
-                outcomes.append(self._outcome(p, None, Verdict.UNMEASURED))
+                judged.append(_Judged(p, None, False, self._outcome(p, None, Verdict.UNMEASURED)))
                 continue
             p.ticks_after += 1
             reading = readings[key]
@@ -183,9 +217,10 @@ class MoveJournal:
                 continue
             del self._pending[key]
             floated = _domains(snapshot, p.move.from_cpus) > 1
-            outcomes.append(self._judge(p, Window.of(p.after, need=1), snapshot.time, floated=floated))
+            after = Window.of(p.after, need=1)
+            judged.append(_Judged(p, after, floated, self._judge(p, after, snapshot.time, floated=floated)))
 
-        outcomes = self._per_vm(outcomes, snapshot.time)
+        outcomes = self._per_vm(judged, snapshot.time)
         for key, reading in readings.items():
             if reading is not None:
                 self._recent.setdefault(key, deque(maxlen=s.window_ticks)).append(reading)
@@ -195,23 +230,27 @@ class MoveJournal:
             del self._totals[key]
         return outcomes
 
-    def _per_vm(self, outcomes: list[MoveOutcome], now: float) -> list[MoveOutcome]:
-        """One verdict for the moves of one VM, or of one swap, applied in one tick (see the
-        module doc)."""
+    def _per_vm(self, judged: list[_Judged], now: float) -> list[MoveOutcome]:
+        """One verdict for the moves of one VM, or of one swap, applied in one tick: their
+        measured windows pooled (see the module doc)."""
         groups: defaultdict[tuple[str, str, float], list[int]] = defaultdict(list)
-        for i, o in enumerate(outcomes):
+        for i, j in enumerate(judged):
+            o = j.outcome
             if o.mpki_after is not None:  # a vCPU that is gone has nothing to keep or roll back
                 by = ("group", o.move.group) if o.move.group else ("vm", o.move.guest_id)
                 groups[(*by, o.applied_at)].append(i)
-        out = list(outcomes)
+        out = [j.outcome for j in judged]
         for idx in groups.values():
-            verdicts = [outcomes[i].verdict for i in idx]
-            worse = verdicts.count(Verdict.ROLLED_BACK)
-            if len(idx) < 2 or worse == 0:
+            measured = [judged[i] for i in idx if judged[i].outcome.verdict is not Verdict.UNMEASURED]
+            if len(idx) < 2 or not any(j.outcome.verdict is Verdict.ROLLED_BACK for j in measured):
                 continue
-            verdict = Verdict.ROLLED_BACK if worse >= verdicts.count(Verdict.KEPT) else Verdict.KEPT
+            before = Window.pool([j.pending.before for j in measured if j.pending.before is not None])
+            after = Window.pool([j.after for j in measured if j.after is not None])
+            verdict = self._verdict(before, after, floated=any(j.floated for j in measured))
+            if verdict is Verdict.UNMEASURED:
+                verdict = Verdict.KEPT  # the pooled evidence is no case for undoing them: together, kept
             for i in idx:
-                o = outcomes[i]
+                o = out[i]
                 bad = (o.move.key, o.move.to_cpus)
                 if verdict is Verdict.ROLLED_BACK:
                     self._bad[bad] = now + self.settings.bad_placement_ttl_s
@@ -234,25 +273,29 @@ class MoveJournal:
     def _judge(self, p: _Pending, after: Window | None, now: float, floated: bool = False) -> MoveOutcome:
         """``floated``: the vCPU could run in several LLC domains before the move, so an
         unsettled before-window describes where the scheduler happened to put it, not a placement."""
-        s = self.settings
         before = p.before
         if before is None or after is None:
             return self._outcome(p, after, Verdict.UNMEASURED)
         if not (before.apki_steady and after.apki_steady) or _changed(before.apki, after.apki):
             return self._outcome(p, after, Verdict.UNMEASURED)  # the workload changed, not the placement
+        verdict = self._verdict(before, after, floated)
+        if verdict is Verdict.ROLLED_BACK:
+            self._bad[(p.move.key, p.move.to_cpus)] = now + self.settings.bad_placement_ttl_s
+        return self._outcome(p, after, verdict)
+
+    def _verdict(self, before: Window, after: Window, floated: bool) -> Verdict:
+        """The rule of the module doc, on one vCPU's windows or a group's pooled ones."""
+        s = self.settings
         margin = s.rollback_margin
         worse = after.mpki > before.mpki * (1 + margin) and after.mpki - before.mpki >= s.min_mpki_delta
         if worse and not before.settled and floated:
-            return self._outcome(p, after, Verdict.UNMEASURED)  # no placement to compare with
+            return Verdict.UNMEASURED  # no placement to compare with
         if worse and before.ipc is not None and after.ipc is not None:
             # misses more per instruction and runs no faster (unsettled: clearly slower)
             worse = after.ipc < before.ipc * (1.0 if before.settled else 1 - margin)
         elif worse and not before.settled:
-            return self._outcome(p, after, Verdict.UNMEASURED)  # a lone MPKI rise, nothing to compare
-        if worse:
-            self._bad[(p.move.key, p.move.to_cpus)] = now + s.bad_placement_ttl_s
-            return self._outcome(p, after, Verdict.ROLLED_BACK)
-        return self._outcome(p, after, Verdict.KEPT)
+            return Verdict.UNMEASURED  # a lone MPKI rise, nothing to compare
+        return Verdict.ROLLED_BACK if worse else Verdict.KEPT
 
     @staticmethod
     def _outcome(p: _Pending, after: Window | None, verdict: Verdict) -> MoveOutcome:
@@ -280,6 +323,7 @@ class MoveJournal:
                 mpki=1000.0 * misses / instr,
                 apki=None if refs is None else 1000.0 * refs / instr,
                 ipc=instr / cycles if cycles is not None and cycles > 0 else None,
+                instructions=instr,
             )
         if r.mpki is None:
             return None

@@ -240,13 +240,14 @@ def _vm_run(topo: Topology, afters: tuple[list[float], list[float], list[float]]
 
 def test_a_vm_moved_whole_gets_one_verdict_never_a_split(topo: Topology) -> None:
     worse, better, same = [99.0, 20.0, 20.0], [99.0, 5.0, 5.0], [99.0, 10.0, 10.0]
-    # one vCPU worse, two better: the VM stays where it went, all of it
+    # one vCPU worse, two better (pooled MPKI 10 -> 10): the VM stays where it went, all of it
     assert _vm_run(topo, (worse, better, better)) == [Verdict.KEPT] * 3
-    # two worse, one better: all of it goes back
+    # two worse, one better (10 -> 15): all of it goes back
     assert _vm_run(topo, (worse, worse, better)) == [Verdict.ROLLED_BACK] * 3
-    # unchanged vCPUs count as kept: two worse beat one, one worse loses to two
-    assert _vm_run(topo, (worse, same, worse)) == [Verdict.ROLLED_BACK] * 3
-    assert _vm_run(topo, (worse, same, same)) == [Verdict.KEPT] * 3
+    # pooled, not counted: one vCPU twice as bad makes the VM a third worse (10 -> 13.3) ...
+    assert _vm_run(topo, (worse, same, same)) == [Verdict.ROLLED_BACK] * 3
+    # ... one 20% worse, within the margin for the VM (10 -> 10.7), is kept with the rest
+    assert _vm_run(topo, ([99.0, 12.0, 12.0], same, same)) == [Verdict.KEPT] * 3
 
 
 def _swap_run(topo: Topology, afters: tuple[list[float], list[float], list[float]]) -> list[Verdict]:
@@ -291,3 +292,48 @@ def test_the_vms_of_a_swap_get_one_verdict(topo: Topology) -> None:
     assert _swap_run(topo, (worse, worse, better)) == [Verdict.ROLLED_BACK] * 3
     # one of g1 worse, the rest better: the swap stays, all of it
     assert _swap_run(topo, (worse, better, better)) == [Verdict.KEPT] * 3
+
+
+def test_a_swap_is_judged_on_what_both_vms_retire_not_by_head_count(two_llc: Topology) -> None:
+    """Measured in a generated mix (rs1-10): an 8-vCPU VM at 60% load swapped into the domain of
+    a busy 2-vCPU one missed 11x more per instruction but lost 1% IPC; the 2-vCPU VM, away from
+    it, gained 22%. Eight "worse" against two "better" rolled back a swap worth 2% weighted
+    speedup of the host; pooled by instructions, the pair retires more per cycle: kept."""
+    guests = tuple(
+        Guest(gid, gid, n, tuple(VCpu(i, 100 * n + i, CpuSet.of(n)) for i in range(size)),
+              Pinnability(True, PinSource.DEFAULT), "t")
+        for n, (gid, size) in enumerate((("big", 8), ("small", 2)), start=1)
+    )  # fmt: skip
+    group = "swap big small"
+    moves = [Move("big", "big", i, CpuSet.of(1), CpuSet.of(17), "swap", 0.5, group=group) for i in range(8)]
+    moves += [
+        Move("small", "small", i, CpuSet.of(17), CpuSet.of(1), "swap", 0.5, group=group) for i in (0, 1)
+    ]
+    counts = {(g.id, v.index): _Counts() for g in guests for v in g.vcpus}
+    j = MoveJournal(VerifySettings(window_ticks=3, settle_ticks=1, rollback_margin=0.1))
+
+    def tick(t: float, big_mpki: float, big_ipc: float, small_mpki: float, small_ipc: float) -> list[Verdict]:
+        rates = {}
+        for (gid, i), c in counts.items():  # big at 60% load: 0.6 of small's cycles
+            if gid == "big":
+                rates[(gid, i)] = c.step(big_mpki, big_ipc, apki=5.0, instructions=0.6e10 * big_ipc)
+            else:
+                rates[(gid, i)] = c.step(small_mpki, small_ipc, apki=5.0, instructions=1e10 * small_ipc)
+        return [o.verdict for o in j.observe(Snapshot(time=t, topology=two_llc, guests=guests, rates=rates))]
+
+    for t in range(4):
+        assert tick(t, 0.082, 1.098, 0.938, 1.156) == []
+    for m in moves:
+        j.record(m, 4)
+    verdicts = [v for t in range(4, 9) for v in tick(t, 0.895, 1.088, 0.068, 1.413)]
+    assert verdicts == [Verdict.KEPT] * 10
+    assert j.bad_placements(10) == frozenset()
+    # the same swap with the small VM gaining nothing is worse for the pair: both go back
+    j = MoveJournal(VerifySettings(window_ticks=3, settle_ticks=1, rollback_margin=0.1))
+    counts = {k: _Counts() for k in counts}
+    for t in range(4):
+        tick(t, 0.082, 1.098, 0.938, 1.156)
+    for m in moves:
+        j.record(m, 4)
+    verdicts = [v for t in range(4, 9) for v in tick(t, 0.895, 1.088, 0.938, 1.156)]
+    assert verdicts == [Verdict.ROLLED_BACK] * 10
