@@ -38,7 +38,8 @@ Each decide():
    remembered in the state) -- move VMs whole (or gather split ones whole), then swap pairs of
    VMs between full domains, then give up their worst vCPUs, one greedy best move at a time
    (a single vCPU only gathers its VM, never splits it), while a move gains at least
-   ``min_gain`` (kind "rebalance", or "cohesion" when that is the main gain); a VM the guard
+   ``min_gain`` per vCPU moved -- ``settled_min_gain`` once the host has had the same VMs for
+   QUIET_DECISIONS decisions (kind "rebalance", or "cohesion" when that is the main gain); a VM the guard
    holds (a vCPU in Snapshot.frozen) stays, and no vCPU or VM goes where the guard would refuse
    it (Snapshot.barred, bad_placements), so the moves proposed are the best that may happen now;
 3. at granularity pu or core, the PU inside the domain is the least loaded one, busy vCPUs of
@@ -60,11 +61,13 @@ domain shares no cache, it is only stacked on one core's SMT threads.
 
 State (JSON)::
 
-    {"version": 1, "granularity": "llc", "active": [<domain label>, ...]}
+    {"version": 1, "granularity": "llc", "active": [<domain label>, ...],
+     "host": <digest of the VMs and their vCPU counts>, "quiet": <decisions it has not changed>}
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -134,6 +137,19 @@ MAX_HITS_PER_MISS = 100.0
 # linear cost at F = SATURATION x M_d.
 SATURATION = 2.0
 INF = math.inf
+# Decisions with the same VMs after which the host counts as settled: from then on a rebalance
+# must promise settled_min_gain per vCPU it moves, not min_gain. The moves an arrival or a
+# departure calls for are made within these; what is left is refinement by a model whose error
+# is larger than min_gain (on generated mixes: swaps of 10 vCPUs for 0.026 of one, one more
+# every few ticks), which is the migration churn a settled host should not see.
+QUIET_DECISIONS = 3
+
+
+def _host_key(snapshot: Snapshot) -> str:
+    """Which VMs, of how many vCPUs, are on the host: a change (an arrival, a departure, a
+    resize) starts a new settling period."""
+    text = ";".join(sorted(f"{g.id}:{len(g.vcpus)}" for g in snapshot.guests))
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 @dataclass(slots=True)
@@ -195,6 +211,7 @@ class CacheAwarePolicy:
         enter: float = 0.01,
         exit: float = 0.004,
         min_gain: float = 0.002,
+        settled_min_gain: float = 0.01,
         max_moves: int = 16,
         candidates: int = 256,
         assumed_misses_per_s: float = 1e7,
@@ -221,6 +238,8 @@ class CacheAwarePolicy:
             raise ValueError("migrated_remote_weight must be in [0, 1]")
         if min_gain < 0 or max_moves < 0 or candidates < 1:
             raise ValueError("min_gain and max_moves must be >= 0, candidates >= 1")
+        if settled_min_gain < 0:
+            raise ValueError("settled_min_gain must be >= 0")
         self.t = miss_cost_ns * 1e-9
         self.miss_cost_ns = miss_cost_ns
         self.contention = contention_misses_per_s
@@ -228,6 +247,7 @@ class CacheAwarePolicy:
         self.enter = enter
         self.exit = exit
         self.min_gain = min_gain
+        self.settled_min_gain = settled_min_gain
         self.max_moves = max_moves
         self.candidates = candidates
         self.assumed = assumed_misses_per_s
@@ -271,7 +291,10 @@ class CacheAwarePolicy:
                     prev_counts[key] = [float(val[0]), float(val[1])]
         floating = old.get("floating") if old else None
         left = {g for g in floating if isinstance(g, str)} if isinstance(floating, list) else set()
-        world = _World(snapshot, self, gran, prev_counts, left)
+        host = _host_key(snapshot)
+        quiet = old.get("quiet") if old and old.get("host") == host else None
+        quiet = quiet + 1 if isinstance(quiet, int) and not isinstance(quiet, bool) and quiet >= 0 else 0
+        world = _World(snapshot, self, gran, prev_counts, left, settled=quiet >= QUIET_DECISIONS)
         notes = world.run(prev_active)
         if self.granularity == AUTO and gran != "llc":
             notes.insert(0, f"granularity auto: {gran} on this host (its LLC domains are single cores)")
@@ -286,6 +309,8 @@ class CacheAwarePolicy:
             "version": STATE_VERSION,
             "granularity": gran,
             "active": sorted(int(world.labels[d]) for d in world.active),
+            "host": host,
+            "quiet": quiet,
         }
         if world.left_floating:
             new_state["floating"] = sorted(world.left_floating)
@@ -304,8 +329,11 @@ class _World:
         gran: Granularity,
         prev_counts: dict[str, list[float]] | None = None,
         left: set[str] | None = None,
+        settled: bool = False,
     ) -> None:
         self.s = snapshot
+        # min gain per vCPU a rebalance moves: higher once the host has stood unchanged a while
+        self.move_gain = max(policy.min_gain, policy.settled_min_gain) if settled else policy.min_gain
         self.prev_counts = prev_counts or {}
         self.prev_left = left or set()  # guests the last decision left floating (gain too small)
         self.left_floating: set[str] = set()
@@ -1364,7 +1392,7 @@ class _World:
             flat = int(np.argmin(delta))
             i, d = divmod(flat, self.D)
             gain = -float(delta[i, d])
-            if not gain >= self.p.min_gain:
+            if not gain >= self.move_gain:
                 break
             r = cand.pop(i)
             coh_gain = self.cohesion_part(r, r.dom) - self.cohesion_part(r, d)
@@ -1398,7 +1426,7 @@ class _World:
             rows = by_vm[gi]
             best, gain, cohesion = self._best_whole(gi, rows)
             moving = [r for r in rows if r.dom != best]
-            if not moving or not gain >= self.p.min_gain * len(moving):
+            if not moving or not gain >= self.move_gain * len(moving):
                 continue
             if used + len(moving) > budget:
                 continue
@@ -1432,6 +1460,7 @@ class _World:
         hungry VMs in one domain, two sensitive ones in the other). With ``pressure`` (a
         rebalance) one of the two must be in an active domain. Returns vCPUs moved."""
         a, t = self.agg, self.p.t
+        per_vcpu = self.p.min_gain if pressure is None else self.move_gain
         pool = [gi for gi in vms if gi not in self.holders and len({r.dom for r in by_vm[gi]}) == 1]
         used = 0
         cap, cores = self.capacity(), self.cores()
@@ -1492,7 +1521,7 @@ class _World:
             load = lc(new_i[fp, jp], di) + lc(new_j[fp, jp], dj) - lc_now[di] - lc_now[dj]
             with np.errstate(invalid="ignore"):  # a VM where it may not stay: inf - inf
                 gain = before - after - load
-            ok = np.isfinite(after) & np.isfinite(gain) & (gain >= self.p.min_gain * (size[ip] + size[jp]))
+            ok = np.isfinite(after) & np.isfinite(gain) & (gain >= per_vcpu * (size[ip] + size[jp]))
             if not ok.any():
                 break
             fp, jp, gain = fp[ok], jp[ok], gain[ok]

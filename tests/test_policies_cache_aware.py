@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adaptive_pin.model import CpuSet, Guest, Plan, Snapshot, VCpuKey, VCpuRates
-from policies.cache_aware import HIT_LOSS, SATURATION, CacheAwarePolicy
+from policies.cache_aware import HIT_LOSS, QUIET_DECISIONS, SATURATION, CacheAwarePolicy
 from tests.policy_helpers import apply_plan, guest, llc_of, make_topology, rates, snapshot
 
 TOPO = make_topology()
@@ -107,19 +107,52 @@ def test_settled_host_stays_put() -> None:
         final = apply_plan(final, plan)
 
 
+def test_a_host_unchanged_for_a_while_is_moved_only_for_a_clear_gain() -> None:
+    guests = [vm("a", [LLC0] * 2), vm("b", [LLC0] * 2)]
+    snap = snapshot(TOPO, guests, load(guests, {"a": (1.0, HUNGRY), "b": (1.0, HUNGRY)}))
+    fresh, _ = CacheAwarePolicy().decide(snap, None)
+    assert fresh.moves and {m.kind for m in fresh.moves} == {"rebalance"}
+    per_vcpu = max(m.predicted_gain for m in fresh.moves)  # a whole-VM move shares its gain
+    policy = CacheAwarePolicy(settled_min_gain=1.5 * per_vcpu)
+    state: object = policy.initial_state()
+    seen = []
+    for _ in range(QUIET_DECISIONS + 2):  # the plan not applied: the same host every decision
+        plan, state = policy.decide(snap, state)
+        seen.append(len(plan.moves))
+    assert seen[:QUIET_DECISIONS] == [len(fresh.moves)] * QUIET_DECISIONS
+    assert seen[QUIET_DECISIONS:] == [0, 0]
+    # another VM arrives: the same move is worth making again, at min_gain
+    guests2 = [*guests, vm("c", [LLC1])]
+    snap2 = snapshot(
+        TOPO, guests2, load(guests2, {"a": (1.0, HUNGRY), "b": (1.0, HUNGRY), "c": (0.1, QUIET)})
+    )
+    plan, state = policy.decide(snap2, state)
+    assert {m.guest_id for m in plan.moves if m.kind == "rebalance"} == {m.guest_id for m in fresh.moves}
+    assert isinstance(state, dict) and state["quiet"] == 0
+    # a clear gain is made on a settled host too
+    state = {**state, "quiet": QUIET_DECISIONS}
+    plan, _ = CacheAwarePolicy(settled_min_gain=0.5 * per_vcpu).decide(snap2, state)
+    assert {m.guest_id for m in plan.moves if m.kind == "rebalance"} == {m.guest_id for m in fresh.moves}
+
+
 def test_hysteresis_keeps_a_domain_active_between_exit_and_enter() -> None:
     guests = [vm("a", [LLC0] * 2), vm("b", [LLC0] * 2)]
     snap = snapshot(TOPO, guests, load(guests, {"a": (1.0, HUNGRY), "b": (1.0, HUNGRY)}))
     # The domain's pressure is well below enter=50 but above exit=1e-6.
     policy = CacheAwarePolicy(enter=50.0, exit=1e-6)
     cold, cold_state = policy.decide(snap, policy.initial_state())
-    assert cold.moves == () and cold_state == {"version": 1, "granularity": "llc", "active": []}
+    assert cold.moves == () and isinstance(cold_state, dict)
+    assert {k: cold_state[k] for k in ("version", "granularity", "active")} == {
+        "version": 1,
+        "granularity": "llc",
+        "active": [],
+    }
     warm, warm_state = policy.decide(snap, {"version": 1, "granularity": "llc", "active": [0]})
     assert warm.moves, "an active domain below enter but above exit must still be relieved"
     # and its reason says so, not that the pressure is above enter
     assert all("still > exit 1e-06 (active last tick)" in m.reason for m in warm.moves), warm.moves
     assert not any("> 50" in m.reason for m in warm.moves)
-    assert warm_state == {"version": 1, "granularity": "llc", "active": [0]}
+    assert isinstance(warm_state, dict) and warm_state["active"] == [0]
     # A state written at another granularity is not trusted.
     other, _ = policy.decide(snap, {"version": 1, "granularity": "pu", "active": [0]})
     assert other.moves == ()
