@@ -147,7 +147,10 @@ def check_granularity(value: str) -> Granularity:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+# Not frozen: a policy makes one per vCPU (2,048 on the bench's big host) and a frozen
+# dataclass's __init__ costs four times as much (object.__setattr__ per field); it lives
+# only until moves_from_targets copies it into a frozen Move.
+@dataclass(slots=True)
 class Target:
     """Where a policy wants one vCPU, and why (turned into a Move only when it differs)."""
 

@@ -357,7 +357,12 @@ class _World:
         self._wanted_cache: dict[tuple[int, int], CpuSet] = {}
         self._cap: FloatArray | None = None
         self._open: bool | None = None  # every domain has capacity (see _all_open)
-        self._lc_now: FloatArray | None = None  # _load_cost(agg.L), until L or capacity changes
+        # Per-domain figures of self.agg that every greedy placement reads: kept up to date
+        # element by element as _add changes one domain (the same IEEE operations as the array
+        # expressions, so the same values), rebuilt when the aggregates or capacities change.
+        self._lc_now: FloatArray | None = None  # _load_cost(agg.L)
+        self._pf_now: FloatArray | None = None  # phi(agg.P), see _contention
+        self._cached_agg: _Aggregates | None = None  # the aggregates the two are of
         self._cores: FloatArray | None = None
         self.dom_pos: list[IntArray] = [np.flatnonzero(self.pu_dom == d) for d in range(self.D)]
         self.dom_node = np.array([int(topo.pu_node[pos[0]]) for pos in self.dom_pos], dtype=np.int64)
@@ -366,6 +371,7 @@ class _World:
             [len(set(topo.pu_node[pos].tolist())) == 1 for pos in self.dom_pos]
         )
         self.M = self._contention_scale()
+        self.Ms = SATURATION * self.M  # where phi is half linear
         self.K = self._cohesion_costs()
         self.core_pos: list[IntArray] = [
             np.array([self.pos_of[c] for c in core if c in self.pos_of], dtype=np.int64)
@@ -433,7 +439,14 @@ class _World:
         return scale
 
     def _contention(
-        self, v: FloatArray | float, m: FloatArray | float, f: FloatArray, fw: FloatArray, scale: FloatArray
+        self,
+        v: FloatArray | float,
+        m: FloatArray | float,
+        f: FloatArray,
+        fw: FloatArray,
+        scale: FloatArray,
+        pf: FloatArray | None = None,
+        s: FloatArray | None = None,
     ) -> FloatArray:
         """Lost vCPU-equivalents of a vCPU or VM (misses at risk v, misses m) in a domain whose
         other VMs miss f and have fw at risk, ``scale`` its M_d: what foreign traffic costs it,
@@ -441,10 +454,12 @@ class _World:
 
         phi saturates (SATURATION), so the neighbours' part depends on the traffic they already
         see; their own levels are not in the per-domain sums, and the candidate's f stands in
-        for all of them.
+        for all of them. ``pf`` and ``s``, when given, are phi(f) and SATURATION x scale.
         """
-        s = SATURATION * scale
-        pf = f / (1.0 + f / s)
+        if s is None:
+            s = SATURATION * scale
+        if pf is None:
+            pf = f / (1.0 + f / s)
         fm = f + m
         out: FloatArray = self.p.t * (v * pf + fw * (fm / (1.0 + fm / s) - pf)) / scale
         return out
@@ -920,9 +935,16 @@ class _World:
                 load += sign * r.u
                 loaded = True
         a.P[d], a.PG[gi, d], a.W[d], a.WG[gi, d], a.UG[gi, d] = p, pg, w, wg, ug
+        cached = a is self._cached_agg
+        if cached and self._pf_now is not None:
+            self._pf_now[d] = p / (1.0 + p / float(self.Ms[d]))
         if loaded:
             a.L[d] = load
-            self._lc_now = None
+            if cached and self._lc_now is not None:
+                cap, cores = float(self.capacity()[d]), float(self.cores()[d])
+                self._lc_now[d] = max(0.0, load - cap) + SMT_PAIR_LOSS * max(0.0, min(load, cap) - cores)
+            else:
+                self._lc_now = None
 
     def hold(self, pos: IntArray, gi: int) -> None:
         self.excl_owner[pos] = gi
@@ -961,9 +983,22 @@ class _World:
 
     def _load_cost_now(self) -> FloatArray:
         """The load cost of every domain as it is now (read once per VM by the greedy placement)."""
+        self._cache_for(self.agg)
         if self._lc_now is None:
             self._lc_now = self._load_cost(self.agg.L)
         return self._lc_now
+
+    def _phi_now(self) -> FloatArray:
+        """phi of every domain's miss traffic as it is now (see _contention)."""
+        self._cache_for(self.agg)
+        if self._pf_now is None:
+            p = self.agg.P
+            self._pf_now = p / (1.0 + p / self.Ms)
+        return self._pf_now
+
+    def _cache_for(self, agg: _Aggregates) -> None:
+        if agg is not self._cached_agg:
+            self._cached_agg, self._lc_now, self._pf_now = agg, None, None
 
     def _all_open(self) -> bool:
         """Whether every domain has capacity (cached with it)."""
@@ -1123,7 +1158,8 @@ class _World:
             cohesion = self.p.sharing * t * (p_batch * a.KU[gi] + u_batch * a.KP[gi]) / a.UT[gi]
             scores: FloatArray = contention + cohesion + remote + overload
         else:  # nothing of it placed yet (the cold case): no siblings, no own share to take out
-            scores = self._contention(w_batch, p_batch, a.P, a.W, self.M) + remote + overload
+            contention = self._contention(w_batch, p_batch, a.P, a.W, self.M, self._phi_now(), self.Ms)
+            scores = contention + remote + overload
         masked: FloatArray = self._mask(rows[:1], scores[None, :], whole=True)[0]
         return masked
 
