@@ -1515,6 +1515,11 @@ class _World:
         all_mask = self._mask([by_vm[gi][0] for gi in pool], np.zeros((len(pool), len(self.M))), whole=True)
         all_xr = t * all_bm[:, None] * self.rho[np.asarray(pool, dtype=np.int64)] + all_mask
         alive = list(range(len(pool)))
+        # After a pass, a pair whose first VM was a first then and whose two domains no swap of
+        # that pass touched has the same gain as then, which was too small (else it was taken):
+        # it is not costed again. Exact: every figure of a pair is of its two domains alone.
+        judged = np.zeros(0, dtype=np.int64)  # the last pass's first VMs (guest indices)
+        changed = np.zeros(self.D, dtype=bool)  # the domains its swaps touched
         while len(alive) >= 2 and used < budget:
             sel = np.asarray(alive, dtype=np.intp)
             lc_now = self._load_cost(a.L)  # per domain, for every pair's load cost before
@@ -1540,6 +1545,11 @@ class _World:
                 & ((new_j <= cap[h][None, :] + 1e-9) | (du >= -1e-9))
                 & (size[first][:, None] + size[None, :] <= budget - used)
             )
+            if len(judged):
+                new = ~np.isin(g[first], judged)
+                fits &= new[:, None] | changed[hf][:, None] | changed[h][None, :]
+            judged = g[first]
+            changed = np.zeros(self.D, dtype=bool)
             # Only the pairs that fit are costed, as flat arrays of (first[fp], jp): on a full
             # host about a quarter of them. Each figure is the same per-element arithmetic as
             # over the whole (first x pool) matrix, so the gains are exactly those.
@@ -1585,6 +1595,7 @@ class _World:
                 self._swap_pair(by_vm, gi, gj, hi, hj, float(pair_gain[fi, j]), kind, pressure)
                 used += moved
                 gone.update((gi, gj))
+                changed[[hi, hj]] = True
                 touched = (h == hi) | (h == hj)
                 score[touched[first], :] = -INF
                 score[:, touched] = -INF
