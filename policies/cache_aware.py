@@ -1719,6 +1719,7 @@ class _World:
             / np.maximum(np.bincount(gi, minlength=self.G), 1)
         ).tolist()
         texts: dict[tuple[int, int], str] = {}  # one reason per VM and domain, not per vCPU
+        per_vm = (self.agg.PG if self.pmu else self.agg.UG).sum(axis=1).tolist()
         for r in placed:
             gain = mean[r.gi]
             if r.gi in self.home:
@@ -1728,7 +1729,7 @@ class _World:
             if why is None:
                 why = texts[r.gi, r.dom] = (
                     f"first placement of {r.guest.name} in {self._dom_name(r.dom)}"
-                    f"{' on whole cores' if r.whole else ''} (VM {self._vm_miss_text(r.gi)}): est. "
+                    f"{' on whole cores' if r.whole else ''} (VM {self._vm_miss_text(per_vm[r.gi])}): est. "
                     f"{gain:.3f} vCPU-equivalents regained vs. floating"
                 )
             r.why = why
@@ -1756,10 +1757,11 @@ class _World:
         out: FloatArray = added[inv] * share[:, None]
         return out
 
-    def _vm_miss_text(self, gi: int) -> str:
+    def _vm_miss_text(self, total: float) -> str:
+        """A VM's LLC misses/s (its CPU demand without a PMU), from its row of PG (UG)."""
         if self.pmu:
-            return f"{self.agg.PG[gi].sum() / 1e6:.1f}M LLC misses/s"
-        return f"{self.agg.UG[gi].sum():.2f} CPUs"
+            return f"{total / 1e6:.1f}M LLC misses/s"
+        return f"{total:.2f} CPUs"
 
     def wanted(self, r: _VCpuRow) -> CpuSet:
         """The affinity this vCPU should have given its domain/PU and who holds what."""
