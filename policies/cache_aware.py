@@ -72,6 +72,7 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -137,12 +138,34 @@ MAX_HITS_PER_MISS = 100.0
 # linear cost at F = SATURATION x M_d.
 SATURATION = 2.0
 INF = math.inf
+_Num = TypeVar("_Num", FloatArray, float)  # the model's formulas, per domain or for one
 # Decisions with the same VMs after which the host counts as settled: from then on a rebalance
 # must promise settled_min_gain per vCPU it moves, not min_gain. The moves an arrival or a
 # departure calls for are made within these; what is left is refinement by a model whose error
 # is larger than min_gain (on generated mixes: swaps of 10 vCPUs for 0.026 of one, one more
 # every few ticks), which is the migration churn a settled host should not see.
 QUIET_DECISIONS = 3
+
+
+def _phi(f: _Num, s: _Num) -> _Num:
+    """What foreign miss traffic f costs, saturating at s (see SATURATION): arrays or floats."""
+    return f / (1.0 + f / s)
+
+
+def _load_loss(load: _Num, cap: _Num, cores: _Num | None) -> _Num:
+    """vCPU-equivalents a domain of ``cap`` usable PUs on ``cores`` cores loses to CPU demand
+    ``load``: demand above its PUs time-shares, demand above its cores (unless ``cores`` is
+    None) puts busy threads on SMT siblings. Arrays or floats, the same operations."""
+    out = np.maximum(0.0, load - cap)
+    if cores is not None:
+        out = out + SMT_PAIR_LOSS * np.maximum(0.0, np.minimum(load, cap) - cores)
+    return out  # type: ignore[no-any-return]
+
+
+def _load_loss_one(load: float, cap: float, cores: float) -> float:
+    """_load_loss of one domain in Python floats: the same IEEE operations, without numpy's
+    per-call dispatch (the greedy placement updates one domain per VM it places)."""
+    return max(0.0, load - cap) + SMT_PAIR_LOSS * max(0.0, min(load, cap) - cores)
 
 
 def _host_key(snapshot: Snapshot) -> str:
@@ -459,9 +482,8 @@ class _World:
         if s is None:
             s = SATURATION * scale
         if pf is None:
-            pf = f / (1.0 + f / s)
-        fm = f + m
-        out: FloatArray = self.p.t * (v * pf + fw * (fm / (1.0 + fm / s) - pf)) / scale
+            pf = _phi(f, s)
+        out: FloatArray = self.p.t * (v * pf + fw * (_phi(f + m, s) - pf)) / scale
         return out
 
     def _slit(self, a: int, b: int) -> float:
@@ -937,12 +959,11 @@ class _World:
         a.P[d], a.PG[gi, d], a.W[d], a.WG[gi, d], a.UG[gi, d] = p, pg, w, wg, ug
         cached = a is self._cached_agg
         if cached and self._pf_now is not None:
-            self._pf_now[d] = p / (1.0 + p / float(self.Ms[d]))
+            self._pf_now[d] = _phi(p, float(self.Ms[d]))
         if loaded:
             a.L[d] = load
             if cached and self._lc_now is not None:
-                cap, cores = float(self.capacity()[d]), float(self.cores()[d])
-                self._lc_now[d] = max(0.0, load - cap) + SMT_PAIR_LOSS * max(0.0, min(load, cap) - cores)
+                self._lc_now[d] = _load_loss_one(load, float(self.capacity()[d]), float(self.cores()[d]))
             else:
                 self._lc_now = None
 
@@ -975,10 +996,7 @@ class _World:
         weighed where whole VMs are placed, not by single-vCPU moves: a VM is not split to
         leave a sibling idle.
         """
-        cap = self.capacity()
-        out: FloatArray = np.maximum(0.0, load - cap)
-        if smt:
-            out = out + SMT_PAIR_LOSS * np.maximum(0.0, np.minimum(load, cap) - self.cores())
+        out: FloatArray = _load_loss(load, self.capacity(), self.cores() if smt else None)
         return out
 
     def _load_cost_now(self) -> FloatArray:
@@ -992,8 +1010,7 @@ class _World:
         """phi of every domain's miss traffic as it is now (see _contention)."""
         self._cache_for(self.agg)
         if self._pf_now is None:
-            p = self.agg.P
-            self._pf_now = p / (1.0 + p / self.Ms)
+            self._pf_now = _phi(self.agg.P, self.Ms)
         return self._pf_now
 
     def _cache_for(self, agg: _Aggregates) -> None:
@@ -1502,9 +1519,7 @@ class _World:
         cap, cores = self.capacity(), self.cores()
 
         def lc(x: FloatArray, d: IntArray) -> FloatArray:
-            c = cap[d]
-            smt = SMT_PAIR_LOSS * np.maximum(0.0, np.minimum(x, c) - cores[d])
-            out: FloatArray = np.maximum(0.0, x - c) + smt
+            out: FloatArray = _load_loss(x, cap[d], cores[d])
             return out
 
         # Per-VM sums do not change as VMs swap (swapped VMs leave the pool): computed once.

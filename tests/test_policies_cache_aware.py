@@ -14,7 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adaptive_pin.model import CpuSet, Guest, Plan, Snapshot, VCpuKey, VCpuRates
-from policies.cache_aware import HIT_LOSS, QUIET_DECISIONS, SATURATION, CacheAwarePolicy
+from policies.cache_aware import (
+    HIT_LOSS,
+    QUIET_DECISIONS,
+    SATURATION,
+    CacheAwarePolicy,
+    _load_loss,
+    _load_loss_one,
+)
 from tests.policy_helpers import apply_plan, guest, llc_of, make_topology, rates, snapshot
 
 TOPO = make_topology()
@@ -720,3 +727,11 @@ def test_a_split_vm_the_guard_holds_is_still_gathered() -> None:
     final, _, plans = settle(CacheAwarePolicy(), snap)
     assert len(llcs(final, "a")) == 1
     assert {m.kind for p in plans for m in p.moves} == {"cohesion"}
+
+
+def test_the_one_domain_load_loss_is_the_array_one() -> None:
+    # the greedy placement keeps each domain's load cost up to date with the float version
+    loads = np.linspace(0.0, 40.0, 161)
+    for cap, cores in ((16.0, 8.0), (8.0, 8.0), (6.0, 3.0), (0.0, 0.0)):
+        want = _load_loss(loads, np.full_like(loads, cap), np.full_like(loads, cores))
+        assert [_load_loss_one(float(x), cap, cores) for x in loads] == want.tolist()
