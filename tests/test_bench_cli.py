@@ -137,6 +137,14 @@ def test_strict_exits_1_exactly_when_a_target_is_missed(capsys: pytest.CaptureFi
         (["--random", "-1"], "--random: expected a non-negative integer"),
         (["--random", "1", "--random-seed", "-2"], "--random-seed: expected a non-negative integer"),
         (["--search-budget", "-1"], "--search-budget: expected a non-negative integer"),
+        (["--policy-option", "miss_cost_ns"], "expected [POLICY:]KEY=VALUE"),
+        (["--policy-option", ":enter=0.1"], "expected [POLICY:]KEY=VALUE"),
+        (
+            ["--policy-option", "imaginary=1"],
+            "policy cache-aware: unknown option(s) imaginary; valid options:",
+        ),
+        (["--policy-option", "enter=lots"], "policy cache-aware: option enter='lots'"),
+        (["--policy", "pack", "--policy-option", "enter=0.1"], "cache-aware is not among the policies"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -250,3 +258,27 @@ def test_random_alone_runs_only_the_mixes_and_summarises_them(capsys: pytest.Cap
     text, _ = capsys.readouterr()
     assert rc == 0 and "== demo" in text and "== random-0-0" in text and "== random mixes" in text
     assert "control ticks to settle after an arrival above 3: " in text
+
+
+def test_a_policy_option_reaches_the_policy_it_names_and_is_reported(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A minimum gain no move can promise: cache-aware then leaves every vCPU to the scheduler,
+    # exactly as none does; pack, given no option, pins as always.
+    rc, doc = bench_json(
+        capsys, "--policy", "cache-aware", "--policy", "pack", "--policy-option", "min_gain=1000"
+    )
+    assert rc == 0
+    assert doc["policy_options"] == {"cache-aware": {"min_gain": "1000"}}
+    rows = {r["policy"]: r for r in doc["scenarios"][0]["rows"]}
+    assert rows["cache-aware"]["migrations_per_vcpu_hour"] == 0.0
+    assert rows["cache-aware"]["ws_vs_none"] == 1.0
+    assert rows["pack"]["migrations_per_vcpu_hour"] > 0
+    rc = main([*QUICK, "--policy", "cache-aware", "--policy-option", "cache-aware:min_gain=1000"])
+    text, _ = capsys.readouterr()
+    assert (
+        rc == 0
+        and "policy options (bench --policy-option; every other option at its default): "
+        "cache-aware min_gain=1000"
+        in text
+    )

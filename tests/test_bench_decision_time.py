@@ -25,3 +25,12 @@ def test_a_decision_is_timed_cold_and_steady_with_median_and_fastest() -> None:
     # judged on the median (the worse of cold and steady); the fastest is shown beside it
     assert verdict.measured == max(ca.cold_s, ca.steady_s)
     assert f"fastest {ca.cold_min_s * 1e3:.1f} / {ca.steady_min_s * 1e3:.1f} ms" in verdict.detail
+
+
+def test_the_policy_timed_is_built_with_the_options_given() -> None:
+    # bench --policy-option times the policy it benches: one no move can satisfy places nothing
+    d = decision_time.measure(
+        ["cache-aware"], reps=1, ticks=0, n_vms=16, options={"cache-aware": {"min_gain": "1000"}}
+    )
+    (timing,) = d.policies
+    assert timing.moves_cold == 0

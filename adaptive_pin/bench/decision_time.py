@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from adaptive_pin.model import CpuSet, Snapshot
@@ -97,7 +97,7 @@ def _times(fn: object, reps: int) -> tuple[float, float]:
     return statistics.median(samples), min(samples)
 
 
-def _controller(host: SimHost, policy_name: str) -> object:
+def _controller(host: SimHost, policy_name: str, options: Mapping[str, str] | None = None) -> object:
     from adaptive_pin.controller import Controller, ControllerSettings
     from adaptive_pin.drivers.sim import SimDriver
     from collectors.sim import SimCollector
@@ -106,7 +106,7 @@ def _controller(host: SimHost, policy_name: str) -> object:
     return Controller(
         driver=SimDriver(host=host, realtime=False),
         collectors=[SimCollector(host)],
-        policy=get_policy(policy_name),
+        policy=get_policy(policy_name, **(options or {})),
         topology=host.topology,
         settings=ControllerSettings(interval_s=5.0),
         clock=lambda: host.now,
@@ -124,13 +124,15 @@ def _warm_snapshot(host: SimHost, ctl: object) -> Snapshot:
     return ctl.observe()
 
 
-def time_policy(scenario: Scenario, policy_name: str, reps: int) -> PolicyTiming:
+def time_policy(
+    scenario: Scenario, policy_name: str, reps: int, options: Mapping[str, str] | None = None
+) -> PolicyTiming:
     from policies.registry import get_policy
 
     host = SimHost(scenario)
-    ctl = _controller(host, policy_name)
+    ctl = _controller(host, policy_name, options)
     snapshot = _warm_snapshot(host, ctl)
-    policy = get_policy(policy_name)
+    policy = get_policy(policy_name, **(options or {}))
     state0 = policy.initial_state()
     plan, state1 = policy.decide(snapshot, state0)
     cold, cold_min = _times(lambda: policy.decide(snapshot, state0), reps)
@@ -143,12 +145,14 @@ def time_policy(scenario: Scenario, policy_name: str, reps: int) -> PolicyTiming
     return PolicyTiming(policy_name, cold, steady, len(plan.moves), cold_min, steady_min)
 
 
-def time_ticks(scenario: Scenario, policy_name: str, ticks: int) -> tuple[float, float]:
+def time_ticks(
+    scenario: Scenario, policy_name: str, ticks: int, options: Mapping[str, str] | None = None
+) -> tuple[float, float]:
     """(first tick, median of the next ``ticks``) of the whole controller tick, in seconds."""
     from adaptive_pin.controller import Controller
 
     host = SimHost(scenario)
-    ctl = _controller(host, policy_name)
+    ctl = _controller(host, policy_name, options)
     assert isinstance(ctl, Controller)
     _warm_snapshot(host, ctl)
     first = ctl.tick().duration_s
@@ -161,12 +165,20 @@ def time_ticks(scenario: Scenario, policy_name: str, ticks: int) -> tuple[float,
     return first, statistics.median(later)
 
 
-def measure(policies: Sequence[str], reps: int = 5, ticks: int = 3, n_vms: int = N_VMS) -> DecisionTime:
+def measure(
+    policies: Sequence[str],
+    reps: int = 5,
+    ticks: int = 3,
+    n_vms: int = N_VMS,
+    options: Mapping[str, Mapping[str, str]] | None = None,
+) -> DecisionTime:
+    """``options``: per policy name, the options it is built with (bench --policy-option)."""
+    opts = options or {}
     sc = big_scenario(n_vms)
-    timings = tuple(time_policy(sc, name, reps) for name in policies)
+    timings = tuple(time_policy(sc, name, reps, opts.get(name)) for name in policies)
     tick_first = tick = None
     if "cache-aware" in policies and ticks > 0:
-        tick_first, tick = time_ticks(sc, "cache-aware", ticks)
+        tick_first, tick = time_ticks(sc, "cache-aware", ticks, opts.get("cache-aware"))
     host = SimHost(sc)
     return DecisionTime(
         host=HOST_LABEL,

@@ -180,6 +180,12 @@ def text(
         f"settled); settle: control ticks, worst arrival; best share: steady WS of the final "
         f"placement / the best placement's (each scenario's search method is named under its table)"
     )
+    if options.policy_options:
+        given = "; ".join(
+            f"{name} " + ", ".join(f"{k}={v}" for k, v in sorted(opts.items()))
+            for name, opts in sorted(options.policy_options.items())
+        )
+        head += f"\npolicy options (bench --policy-option; every other option at its default): {given}"
     parts = [head, *(scenario_text(sb) for sb in benches)]
     mixes = random_summary(benches)
     if mixes is not None:
@@ -210,6 +216,7 @@ def to_json(
         "version": JSON_VERSION,
         "quick": options.quick,
         "seeds": options.seeds,
+        "policy_options": {n: dict(sorted(o.items())) for n, o in sorted(options.policy_options.items())},
         "definitions": {
             "mixed_scenarios": sorted(MIXED_SCENARIOS),
             "settle_window_ticks": settle.SETTLE_WINDOW_TICKS,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import statistics
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from adaptive_pin.bench import optimal, random_mix, settle
@@ -99,6 +99,8 @@ class BenchOptions:
     random_seed: int = 0
     random_hosts: str = "shipped"  # RANDOM_HOSTS: the shipped machines in turn, or drawn shapes
     budget: int | None = None  # best-placement candidates; None: the default for quick or not
+    # per policy name, options its constructor takes (bench --policy-option); others: defaults
+    policy_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     @property
     def search_budget(self) -> int:
@@ -122,6 +124,16 @@ def resolve_policies(requested: Sequence[str]) -> tuple[str, ...]:
         raise UsageError(f"--policy {bad[0]}: unknown policy (known: {', '.join(known)})")
     chosen = list(dict.fromkeys(requested)) if requested else known
     return (BASELINE, *(p for p in chosen if p != BASELINE))
+
+
+def check_policy_options(options: Mapping[str, Mapping[str, str]], policies: Sequence[str]) -> None:
+    """Each policy given options runs, and takes them (UsageError before any simulation)."""
+    from policies.registry import get_policy
+
+    for name, opts in options.items():
+        if name not in policies:
+            raise UsageError(f"--policy-option {name}:...: {name} is not among the policies this run runs")
+        get_policy(name, **opts)
 
 
 def load_scenarios(requested: Sequence[str]) -> list[Scenario]:
@@ -213,7 +225,12 @@ def bench_scenario(
     for policy in policies:
         progress(f"{sc.name}: {policy} x {options.seeds} seed(s)")
         by_policy[policy] = [
-            _figures(run_scenario(sc, policy, seed=sc.seed + i), sc, case, scored)
+            _figures(
+                run_scenario(sc, policy, seed=sc.seed + i, policy_options=options.policy_options.get(policy)),
+                sc,
+                case,
+                scored,
+            )
             for i in range(options.seeds)
         ]
     base = by_policy[BASELINE]
@@ -242,6 +259,7 @@ def run_bench(
     if options.random < 0:
         raise UsageError(f"--random: expected a non-negative integer, got {options.random}")
     policies = resolve_policies(options.policies)
+    check_policy_options(options.policy_options, policies)
     # --random alone runs only the generated mixes; with --scenario, both.
     named = load_scenarios(options.scenarios) if options.scenarios or not options.random else []
     out = [bench_scenario(sc, policies, options, progress) for sc in named]

@@ -39,6 +39,8 @@ examples:
   adaptive-pin bench --random 12 --random-hosts synthetic --seeds 1 --no-decision-time
                                                       ... on host shapes nobody ships
   adaptive-pin bench --json > bench.json              every figure and every run
+  adaptive-pin bench --policy-option miss_cost_ns=30 --no-decision-time
+                                                      cache-aware with one option changed
   adaptive-pin bench --scenario mixed-cloud --policy cache-aware --search-budget 110000
                                                       the exact best placement (about 40 min)
 
@@ -104,9 +106,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         f"{runner.QUICK_SEARCH_BUDGET} with --quick); a scenario whose full count is within it "
         "gets the exact best, e.g. 110000 for mixed-cloud (about 40 min here)",
     )
+    p.add_argument(
+        "--policy-option",
+        action="append",
+        default=[],
+        metavar="[POLICY:]KEY=VALUE",
+        help=f"build POLICY (default {targets.SUBJECT}, the one the targets judge) with this option "
+        "(repeatable; docs/policies.md has each policy's, a wrong one is named with the valid "
+        "ones): A/B a calibration against a run without it",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when any target is missed")
     p.add_argument("--json", action="store_true", help="machine-readable output: every figure and every run")
     p.set_defaults(func=run)
+
+
+def _policy_options(items: list[str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        name, colon, key = key.rpartition(":") if ":" in key else (targets.SUBJECT, "", key)
+        if not eq or not key.strip() or (colon and not name.strip()):
+            raise UsageError(f"--policy-option {item!r}: expected [POLICY:]KEY=VALUE, e.g. miss_cost_ns=30")
+        out.setdefault(name.strip(), {})[key.strip()] = value.strip()
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--random-seed: expected a non-negative integer, got {args.random_seed}")
     if args.search_budget is not None and args.search_budget < 0:
         raise UsageError(f"--search-budget: expected a non-negative integer, got {args.search_budget}")
+    policy_options = _policy_options(args.policy_option)
     options = runner.BenchOptions(
         scenarios=tuple(args.scenario),
         policies=tuple(args.policy),
@@ -128,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
         random_seed=args.random_seed,
         random_hosts=args.random_hosts,
         budget=args.search_budget,
+        policy_options=policy_options,
     )
+    runner.check_policy_options(policy_options, runner.resolve_policies(options.policies))
     t0 = time.perf_counter()
 
     def progress(msg: str) -> None:
@@ -139,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_decision_time:
         progress("decision time, 512 PUs x 2,048 vCPUs")
         timed = [p for p in runner.resolve_policies(options.policies) if p != runner.BASELINE]
-        decision = decision_time.measure(timed, reps=3 if args.quick else 5)
+        decision = decision_time.measure(timed, reps=3 if args.quick else 5, options=policy_options)
     judged = targets.evaluate(benches, decision)
     wall = time.perf_counter() - t0
     if args.json:
