@@ -6,8 +6,8 @@ import argparse
 from typing import Any
 
 from adaptive_pin.commands._common import add_driver_arguments, parse_qmp
+from adaptive_pin.commands._options import split_option
 from adaptive_pin.config import DEFAULT_PATH, Config, load_config, with_overrides
-from adaptive_pin.errors import UsageError
 
 CONTROLLER_EPILOG = """\
 Configuration: options come from the config file (default {default}, all defaults when it is
@@ -42,13 +42,7 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
 def _policy_options(items: list[str]) -> dict[str, Any] | None:
     if not items:
         return None
-    out: dict[str, Any] = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise UsageError(f"--policy-option {item!r}: expected KEY=VALUE, e.g. granularity=core")
-        out[key] = value
-    return out
+    return dict(split_option(item, "--policy-option", example="granularity=core") for item in items)
 
 
 def overrides_from_args(args: argparse.Namespace, **extra: object) -> dict[str, object]:

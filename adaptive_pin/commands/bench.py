@@ -8,6 +8,7 @@ import sys
 import time
 
 from adaptive_pin.bench import decision_time, report, runner, targets
+from adaptive_pin.commands._options import split_option
 from adaptive_pin.errors import UsageError
 
 ORDER = 70
@@ -122,12 +123,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _policy_options(items: list[str]) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
+    form, example = "[POLICY:]KEY=VALUE", "miss_cost_ns=30"
     for item in items:
-        key, eq, value = item.partition("=")
-        name, colon, key = key.rpartition(":") if ":" in key else (targets.SUBJECT, "", key)
-        if not eq or not key.strip() or (colon and not name.strip()):
-            raise UsageError(f"--policy-option {item!r}: expected [POLICY:]KEY=VALUE, e.g. miss_cost_ns=30")
-        out.setdefault(name.strip(), {})[key.strip()] = value.strip()
+        key, value = split_option(item, "--policy-option", form, example)
+        name, colon, key = key.rpartition(":")
+        if colon and not (name.strip() and key.strip()):
+            raise UsageError(f"--policy-option {item!r}: expected {form}, e.g. {example}")
+        out.setdefault(name.strip() or targets.SUBJECT, {})[key.strip()] = value
     return out
 
 

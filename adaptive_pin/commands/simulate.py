@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from adaptive_pin.errors import UsageError
+from adaptive_pin.commands._options import split_option
 from adaptive_pin.sim.runner import SimResult, run_scenario
 from adaptive_pin.sim.scenario import MAX_TICKS, load_scenario, shipped_scenarios, with_run_overrides
 
@@ -81,13 +81,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--option {pair!r}: expected KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
+    return dict(split_option(pair, "--option") for pair in pairs)
 
 
 def run(args: argparse.Namespace) -> int:
