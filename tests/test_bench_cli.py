@@ -144,7 +144,10 @@ def test_strict_exits_1_exactly_when_a_target_is_missed(capsys: pytest.CaptureFi
             "policy cache-aware: unknown option(s) imaginary; valid options:",
         ),
         (["--policy-option", "enter=lots"], "policy cache-aware: option enter='lots'"),
-        (["--policy", "pack", "--policy-option", "enter=0.1"], "cache-aware is not among the policies"),
+        (
+            ["--policy", "pack", "--policy-option", "enter=0.1"],
+            "cache-aware is not run here (add --policy cache-aware)",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

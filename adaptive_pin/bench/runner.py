@@ -132,7 +132,7 @@ def check_policy_options(options: Mapping[str, Mapping[str, str]], policies: Seq
 
     for name, opts in options.items():
         if name not in policies:
-            raise UsageError(f"--policy-option {name}:...: {name} is not among the policies this run runs")
+            raise UsageError(f"--policy-option {name}:...: {name} is not run here (add --policy {name})")
         get_policy(name, **opts)
 
 

@@ -155,7 +155,6 @@ def run(args: argparse.Namespace) -> int:
         budget=args.search_budget,
         policy_options=policy_options,
     )
-    runner.check_policy_options(policy_options, runner.resolve_policies(options.policies))
     t0 = time.perf_counter()
 
     def progress(msg: str) -> None:
