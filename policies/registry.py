@@ -115,9 +115,15 @@ def option_names(factory: Factory) -> dict[str, inspect.Parameter]:
 
 
 def _coerce(policy: str, param: inspect.Parameter, value: Any) -> Any:
-    """A string option converted to the type of the parameter's default (bool, int, float)."""
+    """A string option converted to the type of the parameter's default (bool, int, float); a
+    typed one (a config file's) checked against it: ``max_moves = 32.5`` or ``= true`` is
+    refused here, not by the first decision of a running daemon."""
     default = param.default
-    if not isinstance(value, str) or default is inspect.Parameter.empty or isinstance(default, str):
+    if default is inspect.Parameter.empty or isinstance(default, str):
+        return value
+    if not isinstance(value, str):
+        if isinstance(default, bool | int | float):
+            _check_type(policy, param.name, default, value)
         return value
     text = value.strip()
     try:
@@ -135,6 +141,18 @@ def _coerce(policy: str, param: inspect.Parameter, value: Any) -> Any:
     except ValueError as exc:
         raise UsageError(f"policy {policy}: option {param.name}={value!r}: {exc}") from None
     return value
+
+
+def _check_type(policy: str, name: str, default: bool | int | float, value: Any) -> None:
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    else:
+        ok, want = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+    if not ok:
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as TOML spells it
+        raise UsageError(f"policy {policy}: option {name}={shown}: expected {want}")
 
 
 def get_policy(name: str, **options: Any) -> Policy:

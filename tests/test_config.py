@@ -324,6 +324,16 @@ def test_policy_options_are_judged_by_the_registry(monkeypatch: pytest.MonkeyPat
         parse_config("[policy.options]\nthreshold = -1", "x.toml")
 
 
+def test_policy_option_of_the_wrong_type_is_refused_at_load() -> None:
+    # the real registry: a daemon started with this file would fail every decision
+    with pytest.raises(
+        UsageError,
+        match=r"^x\.toml: policy\.options: policy cache-aware: option max_moves=32\.5: expected an integer$",
+    ):
+        parse_config("[policy.options]\nmax_moves = 32.5", "x.toml")
+    assert parse_config("[policy.options]\nmin_gain = 0", "x.toml").policy.options["min_gain"] == 0
+
+
 def test_settings_own_validation_is_applied_too(monkeypatch: pytest.MonkeyPatch) -> None:
     def stricter(self: GuardSettings) -> None:
         raise ValueError("a new rule")

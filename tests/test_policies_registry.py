@@ -70,6 +70,22 @@ def test_string_options_are_converted_to_the_default_type() -> None:
     assert getattr(numa, "reevaluate_s", None) == 60.0
 
 
+def test_typed_options_must_have_the_default_type() -> None:
+    # a config file's values arrive typed: a wrong type is refused when the policy is built,
+    # not by TypeError in every decision of the daemon
+    for key, value, want in (
+        ("max_moves", 32.5, "max_moves=32.5: expected an integer"),
+        ("max_moves", True, "max_moves=true: expected an integer"),
+        ("min_gain", False, "min_gain=false: expected a number"),
+        ("migrate_memory", 1, "migrate_memory=1: expected true or false"),
+    ):
+        with pytest.raises(UsageError, match=f"^policy cache-aware: option {want}$"):
+            get_policy("cache-aware", **{key: value})
+    policy = get_policy("cache-aware", min_gain=0, max_moves=3, migrate_memory=False)
+    assert isinstance(policy, CacheAwarePolicy)
+    assert (policy.min_gain, policy.max_moves, policy.migrate_memory) == (0, 3, False)
+
+
 def test_policy_without_options_rejects_any() -> None:
     with pytest.raises(UsageError, match=r"valid options: \(none\)"):
         get_policy("none", speed="1")
