@@ -234,7 +234,7 @@ class CacheAwarePolicy:
         enter: float = 0.01,
         exit: float = 0.004,
         min_gain: float = 0.002,
-        settled_min_gain: float = 0.01,
+        settled_min_gain: float = 0.05,
         max_moves: int = 16,
         candidates: int = 256,
         assumed_misses_per_s: float = 1e7,
